@@ -1,0 +1,78 @@
+"""EasyAnimate V5 in plain PyTorch: load a model folder, generate videos. No ComfyUI imports here.
+
+    from easyanimate_core import load_pipeline
+    pipe = load_pipeline("models/EasyAnimateV5-12b-zh-InP", device="cuda", dtype=torch.bfloat16)
+    out = pipe.generate("A cat playing guitar", num_frames=49)
+    out.frames  # [F,H,W,3] float32 0..1
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .buckets import bucket_size, round_frames
+from .errors import CheckpointError, EasyAnimateError, ModelFolderError, UnsupportedRequestError
+from .loading import load_weights_into, validate_model_dir
+from .pipeline import DEFAULT_NEGATIVE_PROMPT, GenerationResult, Pipeline, StepInfo
+from .samplers import SAMPLER_NAMES
+from .text import PromptEmbeds, TextEncoders
+
+__all__ = [
+    "load_pipeline", "load_transformer", "load_vae", "Pipeline", "GenerationResult", "StepInfo", "PromptEmbeds",
+    "TextEncoders", "SAMPLER_NAMES", "DEFAULT_NEGATIVE_PROMPT", "bucket_size", "round_frames",
+    "EasyAnimateError", "ModelFolderError", "CheckpointError", "UnsupportedRequestError",
+]
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """Accept a torch dtype or one of 'fp32', 'bf16', 'fp16'."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise UnsupportedRequestError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UnsupportedRequestError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+def load_transformer(files, *, dtype: torch.dtype, device="cpu"):
+    """The V5 transformer of a validated model folder, built on the meta device and filled in place."""
+    from .models.transformer import EasyAnimateTransformer3D
+
+    with torch.device("meta"):
+        model = EasyAnimateTransformer3D.from_config_dict(files.transformer_config)
+    return load_weights_into(model, files.transformer_weights, dtype=dtype, device=device)
+
+
+def load_vae(files, *, dtype: torch.dtype, device="cpu"):
+    """The MagViT VAE of a validated model folder (fp16 is upcast to fp32, as the original does)."""
+    from .models.vae import MagvitVAE
+
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    with torch.device("meta"):
+        model = MagvitVAE.from_config_dict(files.vae_config)
+    return load_weights_into(model, files.vae_weights, dtype=vae_dtype, device=device)
+
+
+def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
+    """Validate a model folder (original layout) and load every component onto `device` in `dtype`."""
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    files = validate_model_dir(model_dir)
+    text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # mT5 overflows in fp16
+    return Pipeline(
+        transformer=load_transformer(files, dtype=dtype, device=device),
+        vae=load_vae(files, dtype=dtype, device=device),
+        text_encoders=TextEncoders.from_model_dir(files.root, dtype=text_dtype, device=device),
+        scheduler_config=files.scheduler_config,
+        kind=files.kind,
+        add_noise_in_inpaint_model=bool(files.transformer_config.get("add_noise_in_inpaint_model", False)),
+        device=device,
+        dtype=dtype,
+        model_dir=files.root,
+    )

@@ -1,0 +1,180 @@
+"""Model folder validation, model-kind detection and low-memory weight loading.
+
+A model folder is the published diffusers layout (see EXPECTED_TREE). Everything is checked before
+any weight is read, so a half-downloaded folder fails at once with the missing path named.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ModelFolderError
+from .safetensors_io import iter_tensors, read_index
+
+EXPECTED_TREE = """\
+<model folder>/                      e.g. EasyAnimateV5-12b-zh-InP
+  transformer/config.json
+  transformer/diffusion_pytorch_model.safetensors   (or sharded, with diffusion_pytorch_model.safetensors.index.json)
+  vae/config.json
+  vae/diffusion_pytorch_model.safetensors
+  text_encoder/config.json + model.safetensors         (BERT)
+  tokenizer/vocab.txt + tokenizer_config.json
+  text_encoder_2/config.json + model.safetensors       (mT5 encoder; or sharded, with model.safetensors.index.json)
+  tokenizer_2/spiece.model + tokenizer_config.json
+  scheduler/scheduler_config.json"""
+
+DOWNLOAD_HINT = ("Download the whole folder, e.g. `huggingface-cli download alibaba-pai/EasyAnimateV5-12b-zh-InP "
+                 "--local-dir <models>/EasyAnimateV5-12b-zh-InP`.")
+
+KIND_BY_IN_CHANNELS = {16: "t2v", 33: "inpaint", 32: "control"}
+
+_WEIGHT_CANDIDATES = {
+    "transformer": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+    "text_encoder_2": ("model.safetensors", "model.safetensors.index.json"),
+}
+_REQUIRED_FILES = {
+    "transformer": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "text_encoder_2": ("config.json",),
+    "tokenizer": ("vocab.txt",),
+    "tokenizer_2": ("spiece.model",),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Validated paths of one model folder."""
+
+    root: Path
+    transformer_config: dict
+    vae_config: dict
+    scheduler_config: dict
+    transformer_weights: tuple[Path, ...]
+    vae_weights: tuple[Path, ...]
+    text_encoder_weights: tuple[Path, ...]
+    text_encoder_2_weights: tuple[Path, ...]
+
+    @property
+    def kind(self) -> str:
+        return kind_from_config(self.transformer_config, self.root / "transformer" / "config.json")
+
+    def subfolder(self, name: str) -> Path:
+        return self.root / name
+
+
+def _missing(root: Path, what: Path, detail: str = "") -> ModelFolderError:
+    extra = f" ({detail})" if detail else ""
+    return ModelFolderError(
+        f"EasyAnimate model folder {root} is incomplete: missing {what}{extra}.\n"
+        f"Expected layout:\n{EXPECTED_TREE}\n{DOWNLOAD_HINT}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); download it again.") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object.")
+    return data
+
+
+def _weight_files(root: Path, sub: str) -> tuple[Path, ...]:
+    single, index_name = _WEIGHT_CANDIDATES[sub]
+    folder = root / sub
+    if (folder / single).is_file():
+        return (folder / single,)
+    index_path = folder / index_name
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map", {})
+        shards = tuple(folder / name for name in sorted(set(weight_map.values())))
+        if not shards:
+            raise CheckpointError(f"{index_path} lists no weight files; download it again.")
+        for shard in shards:
+            if not shard.is_file():
+                raise _missing(root, shard, f"listed in {index_path.name}")
+        return shards
+    raise _missing(root, folder / single)
+
+
+def kind_from_config(config: dict, where: Path | str = "transformer/config.json") -> str:
+    """Model kind from the transformer's `in_channels`: 16 t2v, 33 inpaint, 32 control."""
+    in_channels = config.get("in_channels")
+    if in_channels not in KIND_BY_IN_CHANNELS:
+        raise CheckpointError(
+            f"{where}: in_channels {in_channels!r} is not an EasyAnimate V5 model "
+            f"(16 = text-to-video, 33 = InP, 32 = Control). V5.1 models are not supported by this loader.")
+    return KIND_BY_IN_CHANNELS[in_channels]
+
+
+def validate_model_dir(model_dir: str | Path) -> ModelFiles:
+    """Check every file of the layout exists and every safetensors header is intact; no weights are read."""
+    root = Path(model_dir).expanduser()
+    if not root.is_dir():
+        raise ModelFolderError(
+            f"EasyAnimate model folder {root} does not exist.\nExpected layout:\n{EXPECTED_TREE}\n{DOWNLOAD_HINT}")
+    for sub, names in _REQUIRED_FILES.items():
+        if not (root / sub).is_dir():
+            raise _missing(root, root / sub, "folder")
+        for name in names:
+            if not (root / sub / name).is_file():
+                raise _missing(root, root / sub / name)
+    weights = {sub: _weight_files(root, sub) for sub in _WEIGHT_CANDIDATES}
+    for paths in weights.values():
+        for path in paths:
+            read_index(path)  # raises CheckpointError naming a truncated or corrupt file
+    transformer_config = _read_json(root / "transformer" / "config.json")
+    files = ModelFiles(
+        root=root,
+        transformer_config=transformer_config,
+        vae_config=_read_json(root / "vae" / "config.json"),
+        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+        transformer_weights=weights["transformer"],
+        vae_weights=weights["vae"],
+        text_encoder_weights=weights["text_encoder"],
+        text_encoder_2_weights=weights["text_encoder_2"],
+    )
+    files.kind  # validate in_channels early
+    return files
+
+
+def load_weights_into(module: nn.Module, paths: tuple[Path, ...], *, dtype: torch.dtype,
+                      device: torch.device | str = "cpu", keep_fp32: tuple[str, ...] = ()) -> nn.Module:
+    """Fill a module built on the meta device with the weights in `paths`, one tensor at a time.
+
+    Keys must match exactly; a missing or unexpected key raises CheckpointError naming the file.
+    Parameters whose name contains one of `keep_fp32` stay in float32.
+    """
+    expected = dict(module.state_dict(keep_vars=True))
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        index = read_index(path)
+        unexpected = sorted(set(index.entries) - set(expected))
+        if unexpected:
+            raise CheckpointError(
+                f"{path} does not fit this model: {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}. "
+                "Is this an EasyAnimate V5 checkpoint of the right kind (not V5.1, not a LoRA)?")
+        for name, entry in index.entries.items():
+            if tuple(expected[name].shape) != entry.shape:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry.shape)}, the model expects "
+                                      f"{list(expected[name].shape)} (config.json and weights disagree).")
+        for name, tensor in iter_tensors(index, device=device):
+            target = torch.float32 if any(k in name for k in keep_fp32) else dtype
+            state[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{paths[0].parent} is missing {len(missing)} tensors, e.g. {missing[:5]}; "
+                              "the weights file is incomplete or from another model.")
+    module.load_state_dict(state, strict=True, assign=True)
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module.eval()
