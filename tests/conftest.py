@@ -24,3 +24,33 @@ def golden_path(*parts: str) -> Path:
 def golden():
     """The golden folder as a callable: golden('cases', 'a_t2v_64x112_f5_ddim')."""
     return golden_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: a tiny random model folder of a kind ('t2v', 'inpaint', 'control'), built once per session."""
+    from tiny_model import build_tiny_model
+
+    built = {}
+
+    def get(kind: str = "t2v"):
+        if kind not in built:
+            built[kind] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{kind}"), kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir):
+    """Factory: a loaded float32 CPU pipeline over the tiny model of a kind, loaded once per session."""
+    from easyanimate_core import load_pipeline
+
+    loaded = {}
+
+    def get(kind: str = "t2v"):
+        if kind not in loaded:
+            loaded[kind] = load_pipeline(tiny_model_dir(kind))
+        return loaded[kind]
+
+    return get
