@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                        "and no --mask, else 1.0)")
     gen.add_argument("--control-video", help="processed control video (pose, canny, depth…; Control models)")
     gen.add_argument("--fps", type=float, default=8.0)
+    gen.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
+                     help="decode/encode in spatial tiles of this many pixels (e.g. 384) to bound VAE memory; 0 = off")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                      help="default bf16 on GPU, fp32 on CPU")
@@ -72,6 +74,8 @@ def _generate(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} on {args.device} ({dtype})…", flush=True)
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    if args.vae_tile:
+        pipe.set_vae_tiling(True, args.vae_tile)
     print(f"loaded a {pipe.kind} model in {time.perf_counter() - t0:.1f}s; generating {height}x{width}", flush=True)
     t1 = time.perf_counter()
 

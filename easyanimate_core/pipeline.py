@@ -7,6 +7,7 @@ stage leaves the pipeline exactly as it was.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -73,6 +74,14 @@ class Pipeline:
         self.dtype = dtype
         self.model_dir = model_dir
         self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
+
+    # ------------------------------------------------------------------ options
+    def set_vae_tiling(self, enabled: bool, tile_sample_min_size: int = 384, tile_overlap_factor: float = 0.25):
+        """Spatial VAE tiling for large frames: bounded memory, blended seams (off by default)."""
+        if enabled:
+            self.vae.enable_tiling(tile_sample_min_size, tile_overlap_factor)
+        else:
+            self.vae.disable_tiling()
 
     # ------------------------------------------------------------------ text
     def encode_prompt(self, prompt: str) -> PromptEmbeds:
@@ -278,5 +287,4 @@ class Pipeline:
 
 
 def _accepts(fn, name: str) -> bool:
-    import inspect
     return name in inspect.signature(fn).parameters

@@ -48,7 +48,7 @@ def test_control_video_from_file(tiny_model_dir, tmp_path):
                      macro_block_size=1)
     out = tmp_path / "control.mp4"
     result = run_cli("generate", "--model", tiny_model_dir("control"), "--prompt", "a dancer", "--out", out,
-                     "--control-video", control, "--steps", 2, "--height", 64, "--width", 64)
+                     "--control-video", control, "--steps", 2, "--height", 64, "--width", 64, "--vae-tile", 32)
     assert result.returncode == 0, result.stderr
     frames, _ = read_mp4(out)
     assert len(frames) == 5  # 7 input frames → 4k+1 = 5

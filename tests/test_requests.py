@@ -148,3 +148,18 @@ def test_schedulers_match_original(golden, tiny_model_dir):
             if "sigmas" in recorded:  # diffusers 0.31 vs current differ by float32 rounding only
                 torch.testing.assert_close(scheduler.sigmas.float(), torch.tensor(recorded["sigmas"]),
                                            rtol=1e-5, atol=0)
+
+
+def test_vae_tiling_switch(tiny_pipeline):
+    pipe = tiny_pipeline("inpaint")
+    kwargs = dict(SMALL, height=64, width=64, start_image=torch.rand(64, 64, 3), seed=4)
+    plain = pipe.generate("a cat", **kwargs)
+    try:
+        pipe.set_vae_tiling(True, tile_sample_min_size=64)  # one tile covers the frame: identical result
+        assert torch.equal(pipe.generate("a cat", **kwargs).frames, plain.frames)
+        pipe.set_vae_tiling(True, tile_sample_min_size=32)
+        tiled = pipe.generate("a cat", **kwargs)
+        assert tiled.frames.shape == plain.frames.shape and torch.isfinite(tiled.frames).all()
+    finally:
+        pipe.set_vae_tiling(False)
+    assert torch.equal(pipe.generate("a cat", **kwargs).frames, plain.frames)
