@@ -30,5 +30,8 @@ def test_prompt_embeddings_match_original(encoders, name):
 
 def test_over_long_prompt_warns_and_truncates(encoders):
     index = json.loads(golden_path("components", "text_encoders", "index.json").read_text(encoding="utf-8"))
-    with pytest.warns(UserWarning, match="only the first 77 are used"):
+    with pytest.warns(UserWarning) as record:
         encoders.encode(index["long_en"]["prompt"])
+    messages = [str(w.message) for w in record]
+    assert any("326 BERT tokens long; only the first 77 are used" in m for m in messages)
+    assert any("481 T5 tokens long; only the first 256 are used" in m for m in messages)
