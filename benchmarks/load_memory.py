@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CHILD = r"""
-import json, resource, sys, psutil, torch
+import json, sys, psutil, torch
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from easyanimate_core.models.transformer import EasyAnimateTransformer3D
@@ -38,7 +38,8 @@ else:
     from safetensors.torch import load_file
     model = EasyAnimateTransformer3D.from_config_dict(config)
     model.load_state_dict(load_file(str(path)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process image's own peak; ru_maxrss would inherit the parent's size across fork+exec.
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"before": before, "peak": peak}}))
 """
 
