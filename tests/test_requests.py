@@ -85,11 +85,16 @@ def test_same_seed_same_result_other_seed_differs(tiny_pipeline):
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.6])
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
-def test_every_sampler_runs(tiny_pipeline, sampler):
-    steps = 4 if sampler == "PNDM" else 3
-    out = tiny_pipeline("t2v").generate("a cat", **{**SMALL, "num_inference_steps": steps}, sampler=sampler)
+def test_every_sampler_runs(tiny_pipeline, sampler, strength):
+    steps = 8 if strength < 1 else (4 if sampler == "PNDM" else 3)
+    video = VIDEO if strength < 1 else None
+    seen = []
+    out = tiny_pipeline("t2v").generate("a cat", **{**SMALL, "num_inference_steps": steps}, sampler=sampler,
+                                        video=video, strength=strength, callback=seen.append)
     assert torch.isfinite(out.latents).all()
+    assert len(seen) >= int(steps * strength)
 
 
 def test_euler_a_is_seeded(tiny_pipeline):
