@@ -66,9 +66,6 @@ class ModelFiles:
     def kind(self) -> str:
         return kind_from_config(self.transformer_config, self.root / "transformer" / "config.json")
 
-    def subfolder(self, name: str) -> Path:
-        return self.root / name
-
 
 def _missing(root: Path, what: Path, detail: str = "") -> ModelFolderError:
     extra = f" ({detail})" if detail else ""
@@ -148,11 +145,10 @@ def validate_model_dir(model_dir: str | Path) -> ModelFiles:
 
 
 def load_weights_into(module: nn.Module, paths: tuple[Path, ...], *, dtype: torch.dtype,
-                      device: torch.device | str = "cpu", keep_fp32: tuple[str, ...] = ()) -> nn.Module:
+                      device: torch.device | str = "cpu") -> nn.Module:
     """Fill a module built on the meta device with the weights in `paths`, one tensor at a time.
 
     Keys must match exactly; a missing or unexpected key raises CheckpointError naming the file.
-    Parameters whose name contains one of `keep_fp32` stay in float32.
     """
     expected = dict(module.state_dict(keep_vars=True))
     state: dict[str, torch.Tensor] = {}
@@ -167,9 +163,7 @@ def load_weights_into(module: nn.Module, paths: tuple[Path, ...], *, dtype: torc
             if tuple(expected[name].shape) != entry.shape:
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry.shape)}, the model expects "
                                       f"{list(expected[name].shape)} (config.json and weights disagree).")
-        for name, tensor in iter_tensors(index, device=device):
-            target = torch.float32 if any(k in name for k in keep_fp32) else dtype
-            state[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+        state.update(iter_tensors(index, dtype=dtype, device=device))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{paths[0].parent} is missing {len(missing)} tensors, e.g. {missing[:5]}; "

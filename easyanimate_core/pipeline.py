@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -56,7 +56,6 @@ class Conditioning:
     inpaint_latents: Optional[torch.Tensor] = None
     control_latents: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
-    extras: dict = field(default_factory=dict)
 
 
 class Pipeline:

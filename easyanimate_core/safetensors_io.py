@@ -96,7 +96,7 @@ def read_index(path: str | os.PathLike) -> SafetensorsIndex:
 
 
 def _read_into(f, entry: TensorEntry, out: torch.Tensor, path: Path) -> None:
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B") if entry.nbytes else memoryview(b"")
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if entry.nbytes else memoryview(b"")
     f.seek(entry.start)
     done = 0
     while done < entry.nbytes:

@@ -133,3 +133,16 @@ def test_streamed_reader_matches_safetensors(golden):
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours), path
         assert read_index(path).total_bytes == sum(t.numel() * t.element_size() for t in theirs.values())
+
+
+def test_streamed_reader_handles_scalars_bools_empty_and_float8(tmp_path):
+    from safetensors.torch import save_file
+    tensors = {"alpha": torch.tensor(64.0), "flags": torch.tensor([True, False]), "empty": torch.zeros(0, 3),
+               "half": torch.randn(3, 4).to(torch.bfloat16), "fp8": torch.randn(4).to(torch.float8_e4m3fn)}
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    loaded = load_file(tmp_path / "odd.safetensors")
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].float(), tensor.float()), name
+    assert load_file(tmp_path / "odd.safetensors", dtype=torch.float16)["half"].dtype == torch.float16
+    assert load_file(tmp_path / "odd.safetensors", dtype=torch.float16)["flags"].dtype == torch.bool
