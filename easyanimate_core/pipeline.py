@@ -198,8 +198,7 @@ class Pipeline:
                             control_latents=control_latents, generator=generator)
 
     def _encode(self, pixels: torch.Tensor):
-        vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(pixels.to(self.device, vae_dtype))
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype))
 
     def _inpaint_latents(self, shape, pixel_video, mask, start_image, end_image, num_frames, height, width,
                          generator, noise_aug_strength, reference_noise) -> torch.Tensor:
@@ -229,7 +228,7 @@ class Pipeline:
         """Run the sampler from `conditioning.latents`; returns the final latents (float32, scaled)."""
         use_cfg = guidance_scale > 1.0 and negative is not None
         text = PromptEmbeds.cat([negative, positive]) if use_cfg else positive
-        model_dtype = next(self.transformer.parameters()).dtype
+        model_dtype = self.transformer.compute_dtype
         text = text.to(self.device, model_dtype)
         batch = 2 if use_cfg else 1
 
@@ -261,8 +260,7 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [1,16,T,h,w] → frames [F,H,W,3] float32 0..1 on CPU."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        video = self.vae.decode(latents.to(self.device, vae_dtype) / self.vae.scaling_factor)
+        video = self.vae.decode(latents.to(self.device, self.vae.dtype) / self.vae.scaling_factor)
         video = (video.float().clamp(-1, 1) / 2 + 0.5)
         return video[0].permute(1, 2, 3, 0).cpu().contiguous()
 

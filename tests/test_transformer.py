@@ -6,6 +6,8 @@ import torch
 from conftest import golden_path
 from safetensors.torch import load_file
 
+from easyanimate_core import load_transformer
+from easyanimate_core.loading import validate_model_dir
 from easyanimate_core.models.rope import build_3d_rope, resize_crop_region
 from easyanimate_core.models.transformer import EasyAnimateTransformer3D, TransformerConfig
 
@@ -21,11 +23,8 @@ TINY_MODELS = sorted({v.split("__")[0] for v in VARIANTS})
 
 
 def load_tiny(model: str) -> EasyAnimateTransformer3D:
-    folder = golden_path("models", model, "transformer")
-    config = json.loads((folder / "config.json").read_text())
-    net = EasyAnimateTransformer3D.from_config_dict(config).eval()
-    net.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
-    return net
+    """The golden tiny transformer through the real loader (meta build + streamed weights)."""
+    return load_transformer(validate_model_dir(golden_path("models", model)), dtype=torch.float32)
 
 
 def call(net, inputs, rope=True):

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import golden_path
+from easyanimate_core import load_vae
+from easyanimate_core.loading import validate_model_dir
 from easyanimate_core.models.vae import DiagonalGaussian, MagvitVAE, _tiled
 
 ATOL = 1e-4  # golden README: component tolerance (float32 floor for the VAE is ~1e-5)
@@ -21,11 +23,8 @@ def report(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> MagvitVAE:
-    folder = golden_path("models", "EasyAnimateV5-tiny-zh", "vae")
-    config = json.loads((folder / "config.json").read_text())
-    vae = MagvitVAE.from_config_dict(config).eval()
-    vae.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
-    return vae
+    """The golden tiny VAE through the real loader (meta build + streamed weights)."""
+    return load_vae(validate_model_dir(golden_path("models", "EasyAnimateV5-tiny-zh")), dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
