@@ -19,7 +19,7 @@ from .samplers import SAMPLER_NAMES
 from .text import PromptEmbeds, TextEncoders
 
 __all__ = [
-    "load_pipeline", "load_transformer", "load_vae", "Pipeline", "GenerationResult", "StepInfo", "PromptEmbeds",
+    "load_pipeline", "load_transformer", "auto_dtype", "resolve_dtype", "load_vae", "Pipeline", "GenerationResult", "StepInfo", "PromptEmbeds",
     "TextEncoders", "SAMPLER_NAMES", "DEFAULT_NEGATIVE_PROMPT", "bucket_size", "round_frames",
     "EasyAnimateError", "ModelFolderError", "CheckpointError", "UnsupportedRequestError",
 ]
@@ -38,6 +38,16 @@ def resolve_dtype(dtype) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise UnsupportedRequestError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+def auto_dtype(device) -> torch.dtype:
+    """The precision to run in on a device: fp32 on CPU, bf16 on GPUs that have it, fp16 otherwise."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16
 
 
 def load_transformer(files, *, dtype: torch.dtype, device="cpu"):

@@ -27,8 +27,18 @@ EXPECTED_TREE = """\
   tokenizer_2/spiece.model + tokenizer_config.json
   scheduler/scheduler_config.json"""
 
-DOWNLOAD_HINT = ("Download the whole folder, e.g. `huggingface-cli download alibaba-pai/EasyAnimateV5-12b-zh-InP "
-                 "--local-dir <models>/EasyAnimateV5-12b-zh-InP`.")
+OFFICIAL_MODELS = (
+    "EasyAnimateV5-12b-zh-InP", "EasyAnimateV5-12b-zh-Control", "EasyAnimateV5-12b-zh",
+    "EasyAnimateV5-7b-zh-InP", "EasyAnimateV5-7b-zh",
+)
+
+
+def download_hint(root: Path) -> str:
+    """The command that fetches a whole model folder into `root` (named after an official model if it is one)."""
+    name = root.name if root.name in OFFICIAL_MODELS else "EasyAnimateV5-12b-zh-InP"
+    target = root if root.name in OFFICIAL_MODELS else root.parent / name
+    return (f"Download the whole folder: `huggingface-cli download alibaba-pai/{name} --local-dir {target}` "
+            f"(official models: {', '.join(OFFICIAL_MODELS)}).")
 
 KIND_BY_IN_CHANNELS = {16: "t2v", 33: "inpaint", 32: "control"}
 
@@ -71,7 +81,7 @@ def _missing(root: Path, what: Path, detail: str = "") -> ModelFolderError:
     extra = f" ({detail})" if detail else ""
     return ModelFolderError(
         f"EasyAnimate model folder {root} is incomplete: missing {what}{extra}.\n"
-        f"Expected layout:\n{EXPECTED_TREE}\n{DOWNLOAD_HINT}")
+        f"Expected layout:\n{EXPECTED_TREE}\n{download_hint(root)}")
 
 
 def _read_json(path: Path) -> dict:
@@ -118,7 +128,7 @@ def validate_model_dir(model_dir: str | Path) -> ModelFiles:
     root = Path(model_dir).expanduser()
     if not root.is_dir():
         raise ModelFolderError(
-            f"EasyAnimate model folder {root} does not exist.\nExpected layout:\n{EXPECTED_TREE}\n{DOWNLOAD_HINT}")
+            f"EasyAnimate model folder {root} does not exist.\nExpected layout:\n{EXPECTED_TREE}\n{download_hint(root)}")
     for sub, names in _REQUIRED_FILES.items():
         if not (root / sub).is_dir():
             raise _missing(root, root / sub, "folder")

@@ -19,6 +19,7 @@ from .buckets import floor_to_multiple, latent_frames, round_frames
 from .errors import UnsupportedRequestError
 from .samplers import DEFAULT_SAMPLER, check_steps, make_scheduler
 from .text import PromptEmbeds, TextEncoders
+from .vae_io import decode_latents
 
 DEFAULT_NEGATIVE_PROMPT = "扭曲的身体，肢体残缺，文本字幕，漫画，静止，丑陋，错误，乱码。"
 DEFAULT_NOISE_AUG_STRENGTH = 0.0563
@@ -101,9 +102,10 @@ class Pipeline:
             f"this is an EasyAnimate V5 {KIND_NAMES[self.kind]} model; it cannot take {what}. {use}")
 
     def check_request(self, *, start_image=None, end_image=None, video=None, mask=None, control_video=None,
-                      strength: float = 1.0) -> None:
+                      strength: float = 1.0, video_latent_dist=None) -> None:
         """Refuse inputs the loaded model kind cannot use, saying which model to load instead."""
         has_keyframes = start_image is not None or end_image is not None
+        has_start_video = video is not None or video_latent_dist is not None
         if not 0.0 < strength <= 1.0:
             raise UnsupportedRequestError(f"strength must be in (0, 1], got {strength}")
         if self.kind == "t2v":
@@ -113,7 +115,7 @@ class Pipeline:
             if mask is not None:
                 raise self._refuse("a mask", "Load an InP model (e.g. EasyAnimateV5-12b-zh-InP) for region editing.")
         if self.kind == "control":
-            if has_keyframes or video is not None or mask is not None:
+            if has_keyframes or has_start_video or mask is not None:
                 raise self._refuse("a start/end image, an input video or a mask",
                                    "It takes a control video only; load an InP model for image/video conditioning.")
             if control_video is None:
@@ -126,7 +128,7 @@ class Pipeline:
             raise UnsupportedRequestError("give either start/end images or an input video, not both")
         if mask is not None and video is None:
             raise UnsupportedRequestError("a mask needs an input video to edit (video=…)")
-        if strength < 1.0 and video is None:
+        if strength < 1.0 and not has_start_video:
             raise UnsupportedRequestError("strength < 1 is video-to-video and needs an input video (video=…)")
         if video is not None and mask is None and strength >= 1.0:
             raise UnsupportedRequestError(
@@ -139,10 +141,14 @@ class Pipeline:
                 sampler: str = DEFAULT_SAMPLER, seed: int = 43, start_image=None, end_image=None, video=None,
                 mask=None, strength: float = 1.0, control_video=None, latents=None,
                 noise_aug_strength: float = DEFAULT_NOISE_AUG_STRENGTH, reference_noise=None,
-                video_noise=None) -> Conditioning:
-        """Sizes, scheduler, initial latents and conditioning latents for one generation."""
+                video_noise=None, video_latent_dist=None) -> Conditioning:
+        """Sizes, scheduler, initial latents and conditioning latents for one generation.
+
+        `video_latent_dist` is an already encoded input video (the VAE posterior, with `.mean` and
+        `.std`, unscaled) to start video-to-video from instead of encoding `video` again.
+        """
         self.check_request(start_image=start_image, end_image=end_image, video=video, mask=mask,
-                           control_video=control_video, strength=strength)
+                           control_video=control_video, strength=strength, video_latent_dist=video_latent_dist)
         check_steps(sampler, num_inference_steps)
         height, width = floor_to_multiple(height), floor_to_multiple(width)
         if height < 16 or width < 16:
@@ -151,7 +157,7 @@ class Pipeline:
             if given is not None:
                 num_frames = min(num_frames, torch.as_tensor(given).shape[0])
         num_frames = round_frames(num_frames)
-        shape = (1, self.vae.latent_channels, latent_frames(num_frames), height // 8, width // 8)
+        shape = (1, self.transformer.config.out_channels, latent_frames(num_frames), height // 8, width // 8)
 
         # Seed convention: the initial noise is always drawn first, then the reference and
         # video-posterior noise, so that an explicit tensor leaves later draws where they were.
@@ -185,12 +191,17 @@ class Pipeline:
             control_latents = self._encode(control * 2 - 1).mode() * self.vae.scaling_factor
 
         if strength < 1.0:
-            posterior = self._encode(pixel_video * 2 - 1)
+            posterior = video_latent_dist if video_latent_dist is not None else self._encode(pixel_video * 2 - 1)
+            if tuple(posterior.mean.shape) != shape:
+                raise UnsupportedRequestError(
+                    f"the encoded input video has latent shape {tuple(posterior.mean.shape)} but this generation "
+                    f"needs {shape} ({num_frames} frames at {width}x{height})")
             if video_noise is None:
                 video_noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
             video_latents = posterior.sample(noise=torch.as_tensor(video_noise).to(posterior.mean)) \
                 * self.vae.scaling_factor
-            init = scheduler.add_noise(video_latents.float(), noise.to(self.device), timesteps[:1])
+            init = scheduler.add_noise(video_latents.to(self.device, torch.float32), noise.to(self.device),
+                                       timesteps[:1])
         else:
             init = noise.to(self.device) * scheduler.init_noise_sigma
         return Conditioning(height=height, width=width, num_frames=num_frames, timesteps=timesteps,
@@ -260,9 +271,7 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [1,16,T,h,w] → frames [F,H,W,3] float32 0..1 on CPU."""
-        video = self.vae.decode(latents.to(self.device, self.vae.dtype) / self.vae.scaling_factor)
-        video = (video.float().clamp(-1, 1) / 2 + 0.5)
-        return video[0].permute(1, 2, 3, 0).cpu().contiguous()
+        return decode_latents(self.vae, latents, self.device)
 
     # ------------------------------------------------------------------ all in one
     def generate(self, prompt: str, negative_prompt: str = "", height: int = 384, width: int = 672,

@@ -54,3 +54,22 @@ def tiny_pipeline(tiny_model_dir):
         return loaded[kind]
 
     return get
+
+
+TINY_MODEL_NAMES = {"t2v": "EasyAnimateV5-tiny-zh", "inpaint": "EasyAnimateV5-tiny-zh-InP",
+                    "control": "EasyAnimateV5-tiny-zh-Control"}
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, tiny_model_dir):
+    """A real ComfyUI server with this pack installed and the tiny models under models/EasyAnimate/."""
+    from comfy_media import write_test_inputs
+    from comfy_server import ComfyServer
+
+    server = ComfyServer(tmp_path_factory.mktemp("comfyui"), REPO_ROOT).prepare()
+    for kind, name in TINY_MODEL_NAMES.items():
+        (server.models_dir / name).symlink_to(tiny_model_dir(kind), target_is_directory=True)
+    write_test_inputs(server.input_dir)
+    server.start()
+    yield server
+    server.stop()

@@ -47,6 +47,14 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
+    @classmethod
+    def from_mean_std(cls, mean: torch.Tensor, std: torch.Tensor) -> "DiagonalGaussian":
+        """Rebuild a posterior from a stored mean and standard deviation (e.g. after a round trip)."""
+        posterior = cls.__new__(cls)
+        posterior.mean, posterior.std = mean, std
+        posterior.logvar = 2 * torch.log(std)
+        return posterior
+
     def mode(self) -> torch.Tensor:
         return self.mean
 

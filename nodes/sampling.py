@@ -1,0 +1,136 @@
+"""The sampler node: text + latent (+ image/video/control conditioning) → denoised video latent."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..easyanimate_core import SAMPLER_NAMES
+from ..easyanimate_core.errors import UnsupportedRequestError
+from ..easyanimate_core.models.vae import DiagonalGaussian
+from ..easyanimate_core.pipeline import KIND_NAMES, Pipeline
+from ..easyanimate_core.samplers import DEFAULT_SAMPLER
+from .comfy_bridge import SamplingProgress, check_interrupted, compute_device, previews_enabled
+from .conditioning import CATEGORY, LATENT_CHANNELS, check_choice, ui_text
+from .types import ModelType, TextConditioningType, VideoConditioningType
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def latent_geometry(latent: dict) -> tuple[int, int, int]:
+    """(height, width, frames) in pixels of an EasyAnimate video latent."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if samples is None or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS:
+        shape = None if samples is None else list(samples.shape)
+        raise UnsupportedRequestError(
+            f"the latent must be an EasyAnimate video latent [1,16,frames,height/8,width/8]; got {shape}. Use "
+            "EasyAnimate Empty Video Latent, Image to Video, Video Inpaint, Control Video or VAE Encode.")
+    if samples.shape[0] != 1:
+        raise UnsupportedRequestError(f"the latent holds a batch of {samples.shape[0]} videos; sample one at a time")
+    _, _, t, h, w = samples.shape
+    return h * 8, w * 8, (t - 1) * 4 + 1
+
+
+def start_video_posterior(latent: dict, denoise: float):
+    """For denoise < 1: the encoded input video to start from (None when the core should encode pixels)."""
+    if denoise >= 1.0:
+        return None
+    if "easyanimate_posterior" in latent:
+        mean, std = latent["easyanimate_posterior"]
+        return DiagonalGaussian.from_mean_std(mean, std)
+    return None
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EasyAnimateSampler",
+            display_name="EasyAnimate Sampler",
+            category=CATEGORY,
+            description="Generates the video latent. Text-to-video with an empty latent; image/video/control "
+                        "conditioning when connected; video to video when denoise < 1 with an encoded video.",
+            inputs=[
+                ModelType.Input("model", tooltip="From the EasyAnimate Model Loader (or a LoRA loader)."),
+                TextConditioningType.Input("positive", tooltip="From EasyAnimate Text Encode."),
+                TextConditioningType.Input("negative", tooltip="From EasyAnimate Text Encode (unused at cfg 1)."),
+                io.Latent.Input("latent_image", tooltip="Sets size and length: an empty latent, or an encoded video "
+                                                        "for denoise < 1."),
+                io.Int.Input("seed", default=43, min=0, max=MAX_SEED, control_after_generate=True,
+                             tooltip="Noise seed; the same seed and settings give the same video as the CLI."),
+                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Denoising steps (50 is the official "
+                                                                          "default; PNDM needs at least 4)."),
+                io.Float.Input("cfg", default=6.0, min=1.0, max=20.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale; 1 disables the negative prompt."),
+                io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES), default=DEFAULT_SAMPLER,
+                               tooltip="The scheduler (diffusers): DDIM is the official default."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="1 = from pure noise. Below 1 = video to video from the encoded input video "
+                                       "(0.7 is the usual value): only the last denoise × steps steps run."),
+                VideoConditioningType.Input("video_conditioning", optional=True,
+                                            tooltip="From Image to Video, Video Inpaint (InP models) or Control "
+                                                    "Video (Control models)."),
+            ],
+            outputs=[io.Latent.Output("latent", tooltip="The denoised video latent, for EasyAnimate VAE Decode.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float,
+                sampler_name: str, denoise: float, video_conditioning=None) -> io.NodeOutput:
+        check_choice("sampler_name", sampler_name, SAMPLER_NAMES)
+        height, width, frames = latent_geometry(latent_image)
+        cond = video_conditioning
+        vae = cond.vae if cond is not None else model.vae
+        inputs = {}
+        if cond is not None:
+            inputs = dict(start_image=cond.start_image, end_image=cond.end_image, video=cond.video, mask=cond.mask,
+                          control_video=cond.control_video)
+        posterior = start_video_posterior(latent_image, denoise)
+        if denoise < 1.0 and posterior is None and inputs.get("video") is None:
+            raise UnsupportedRequestError(
+                "denoise < 1 is video to video and starts from an encoded video: connect EasyAnimate VAE Encode "
+                "(or Video Inpaint) to latent_image, or set denoise to 1")
+
+        device = compute_device()
+        pipe = Pipeline(transformer=model.transformer, vae=vae.vae, text_encoders=None,
+                        scheduler_config=model.scheduler_config, kind=model.kind,
+                        add_noise_in_inpaint_model=model.add_noise_in_inpaint_model, device=device, dtype=model.dtype)
+        pipe.check_request(**inputs, strength=denoise, video_latent_dist=posterior)
+        check_interrupted()
+
+        needs_vae = any(v is not None for v in inputs.values()) or (denoise < 1.0 and posterior is None)
+        if needs_vae:
+            vae.module.load()
+        try:
+            if posterior is not None:
+                posterior = DiagonalGaussian.from_mean_std(posterior.mean.to(device), posterior.std.to(device))
+            prepared = pipe.prepare(height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                                    sampler=sampler_name, seed=seed, strength=denoise, video_latent_dist=posterior,
+                                    **inputs)
+        finally:
+            if needs_vae:
+                vae.module.offload()
+
+        preview = previews_enabled()
+        if preview:
+            model.module.load(model.vae.module)
+        else:
+            model.module.load()
+        progress = SamplingProgress(len(prepared.timesteps), _preview_decoder(model) if preview else None)
+        try:
+            final = pipe.denoise(prepared, positive.embeds, negative.embeds if cfg > 1.0 else None, cfg, progress)
+        finally:
+            if preview:
+                model.vae.module.offload()
+
+        notes = [f"{KIND_NAMES[model.kind]}: {prepared.num_frames} frames at {prepared.width}x{prepared.height}, "
+                 f"{len(prepared.timesteps)} of {steps} steps {sampler_name}, cfg {cfg:g}, seed {seed}"]
+        if cond is not None:
+            notes[0] += f"; conditioning: {cond.describe()}"
+            notes.extend(cond.notes)
+        return io.NodeOutput({"samples": final.float().cpu()}, ui=ui_text(notes))
+
+
+def _preview_decoder(model):
+    from ..easyanimate_core.vae_io import decode_latents
+
+    vae = model.vae.vae
+    return lambda latents: decode_latents(vae, latents, model.vae.module.device)
