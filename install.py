@@ -1,0 +1,57 @@
+"""Run by ComfyUI-Manager after `pip install -r requirements.txt` (or by hand: `python install.py`).
+
+Checks that the pack's dependencies import, and creates ComfyUI/models/EasyAnimate/ with the
+download command of each official model. It installs nothing itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+PACK_DIR = Path(os.path.abspath(__file__)).parent  # not resolve(): keep a symlinked custom_nodes path
+# import name -> pip name
+REQUIRED = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
+            "einops": "einops", "cv2": "opencv-python", "imageio": "imageio", "imageio_ffmpeg": "imageio-ffmpeg",
+            "sentencepiece": "sentencepiece", "google.protobuf": "protobuf", "PIL": "Pillow"}
+
+
+def missing_packages() -> list[str]:
+    missing = []
+    for module, package in REQUIRED.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def models_folder() -> Path | None:
+    """ComfyUI/models/EasyAnimate when the pack sits in ComfyUI/custom_nodes/."""
+    if PACK_DIR.parent.name != "custom_nodes":
+        return None
+    return PACK_DIR.parent.parent / "models" / "EasyAnimate"
+
+
+def main() -> int:
+    sys.path.insert(0, str(PACK_DIR))
+    missing = missing_packages()
+    if missing:
+        print(f"EasyAnimate: missing packages; install them with: {sys.executable} -m pip install "
+              + " ".join(missing))
+    folder = models_folder()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        from easyanimate_core.loading import OFFICIAL_MODELS
+
+        print(f"EasyAnimate: put model folders in {folder}, e.g.")
+        for name in OFFICIAL_MODELS:
+            print(f"  huggingface-cli download alibaba-pai/{name} --local-dir {folder / name}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

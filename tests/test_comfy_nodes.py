@@ -1,0 +1,318 @@
+"""Our nodes inside a real ComfyUI 0.3.75 server: schemas, exact results, progress, Cancel, and errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_media import INPUT_VIDEO_FRAMES, TEST_HEIGHT, TEST_WIDTH, read_video
+from comfy_server import execution_error, node_texts
+from conftest import TINY_MODEL_NAMES
+
+OUR_NODES = {"EasyAnimateModelLoader", "EasyAnimateTextEncode", "EasyAnimateEmptyLatent", "EasyAnimateImageToVideo",
+             "EasyAnimateVideoInpaint", "EasyAnimateControlVideo", "EasyAnimateResolutionBucket",
+             "EasyAnimateCannyEdges", "EasyAnimateSampler", "EasyAnimateVAEDecode", "EasyAnimateVAEEncode"}
+PROMPT, NEGATIVE = "a red fox running through snow", "blurry"
+
+
+# ---------------------------------------------------------------------------------------------- prompt building
+def graph(kind="t2v", *, model_name=None, steps=2, seed=43, cfg=6.0, sampler="DDIM", denoise=1.0, frames=5,
+          conditioning=None, latent=None, save="video", precision="auto"):
+    """An API-format prompt: loader → text → latent (or conditioning) → sampler → decode → save."""
+    prompt = {
+        "1": {"class_type": "EasyAnimateModelLoader",
+              "inputs": {"model_name": model_name or TINY_MODEL_NAMES[kind], "precision": precision}},
+        "2": {"class_type": "EasyAnimateTextEncode",
+              "inputs": {"text_encoders": ["1", 1], "prompt": PROMPT, "negative_prompt": NEGATIVE}},
+        "3": {"class_type": "EasyAnimateEmptyLatent",
+              "inputs": {"width": TEST_WIDTH, "height": TEST_HEIGHT, "length": frames}},
+        "4": {"class_type": "EasyAnimateSampler",
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0],
+                         "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "denoise": denoise}},
+    }
+    if conditioning is not None:
+        prompt.update(conditioning)
+        prompt["4"]["inputs"]["video_conditioning"] = ["20", 0]
+        prompt["4"]["inputs"]["latent_image"] = ["20", 1]
+    if latent is not None:
+        prompt.update(latent)
+        prompt["4"]["inputs"]["latent_image"] = ["30", 0]
+    if save == "latent":
+        prompt["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "latents/t"}}
+    else:
+        prompt["5"] = {"class_type": "EasyAnimateVAEDecode",
+                       "inputs": {"vae": ["1", 2], "samples": ["4", 0], "tiling": False, "tile_size": 384}}
+        prompt["6"] = {"class_type": "CreateVideo", "inputs": {"images": ["5", 0], "fps": 8.0}}
+        prompt["7"] = {"class_type": "SaveVideo", "inputs": {"video": ["6", 0], "filename_prefix": "video/nodes",
+                                                             "format": "mp4", "codec": "h264"}}
+    return prompt
+
+
+def load_image(node_id: str, name: str) -> dict:
+    return {node_id: {"class_type": "LoadImage", "inputs": {"image": name}}}
+
+
+def load_video_frames(node_id: str, name: str) -> dict:
+    """LoadVideo → GetVideoComponents: the frames are output 0 of node `node_id`."""
+    return {f"{node_id}v": {"class_type": "LoadVideo", "inputs": {"file": name}},
+            node_id: {"class_type": "GetVideoComponents", "inputs": {"video": [f"{node_id}v", 0]}}}
+
+
+def image_to_video(frames=5, end=None, size="explicit") -> dict:
+    nodes = load_image("21", "start.png")
+    inputs = {"vae": ["1", 2], "start_image": ["21", 0], "length": frames, "size": size,
+              "width": TEST_WIDTH, "height": TEST_HEIGHT}
+    if end is not None:
+        nodes.update(load_image("22", end))
+        inputs["end_image"] = ["22", 0]
+    nodes["20"] = {"class_type": "EasyAnimateImageToVideo", "inputs": inputs}
+    return nodes
+
+
+def control_video(source="pose.mp4") -> dict:
+    nodes = load_video_frames("21", source)
+    nodes["20"] = {"class_type": "EasyAnimateControlVideo",
+                   "inputs": {"vae": ["1", 2], "control_video": ["21", 0], "size": "explicit",
+                              "width": TEST_WIDTH, "height": TEST_HEIGHT}}
+    return nodes
+
+
+def run_ok(comfy, prompt, timeout=300) -> dict:
+    entry = comfy.run(prompt, timeout)
+    error = execution_error(entry)
+    assert error is None and entry["status"]["status_str"] == "success", \
+        f"{json.dumps(error, indent=1)[:4000]}\n{comfy.log_tail()}"
+    return entry
+
+
+def run_error(comfy, prompt) -> dict:
+    entry = comfy.run(prompt)
+    error = execution_error(entry)
+    assert error is not None, f"expected the run to fail: {entry['status']}"
+    return error
+
+
+def saved_file(comfy, entry, node_id, key) -> str:
+    item = entry["outputs"][node_id][key][0]
+    return comfy.output_dir / item["subfolder"] / item["filename"]
+
+
+def saved_video(comfy, entry, node_id="7"):
+    return saved_file(comfy, entry, node_id, "images")
+
+
+def saved_latent(comfy, entry) -> torch.Tensor:
+    return load_file(str(saved_file(comfy, entry, "9", "latents")))["latent_tensor"]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+def test_pack_registers_every_node_with_tooltips(comfy):
+    info = comfy.object_info()
+    assert OUR_NODES <= set(info), f"missing nodes: {OUR_NODES - set(info)}"
+    for node_id in OUR_NODES:
+        node = info[node_id]
+        assert node["category"] == "EasyAnimate" and node["description"]
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        for name, (kind, options) in inputs.items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert not set(inputs) & set(node["output_name"]), f"{node_id}: input and output ids overlap"
+    options = info["EasyAnimateModelLoader"]["input"]["required"]["model_name"][1]["options"]
+    assert set(TINY_MODEL_NAMES.values()) <= set(options)
+    assert info["EasyAnimateSampler"]["input"]["required"]["sampler_name"][1]["options"] == \
+        ["DDIM", "Euler", "Euler A", "DPM++", "PNDM"]
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+def test_text_to_video_writes_the_video(comfy):
+    entry = run_ok(comfy, graph("t2v", frames=9))
+    frames, size, fps = read_video(saved_video(comfy, entry))
+    assert (frames, size, fps) == (9, (TEST_WIDTH, TEST_HEIGHT), 8.0)
+    assert "9 frames at 112x64, 2 of 2 steps DDIM, cfg 6, seed 43" in node_texts(entry, "4")[0]
+
+
+def test_text_to_video_latent_equals_core_generate(comfy, tiny_pipeline):
+    entry = run_ok(comfy, graph("t2v", seed=7, sampler="Euler", save="latent"))
+    ours = saved_latent(comfy, entry)
+    core = tiny_pipeline("t2v").generate(PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=5,
+                                         num_inference_steps=2, sampler="Euler", seed=7)
+    assert ours.shape == core.latents.shape == (1, 16, 2, 8, 14)
+    assert (ours - core.latents).abs().max() <= 1e-5
+
+
+def test_image_to_video_latent_equals_core_generate(comfy, tiny_pipeline):
+    from easyanimate_core.media import read_image
+
+    entry = run_ok(comfy, graph("inpaint", conditioning=image_to_video(end="end.png"), save="latent"))
+    core = tiny_pipeline("inpaint").generate(
+        PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=5, num_inference_steps=2, seed=43,
+        start_image=read_image(comfy.input_dir / "start.png"), end_image=read_image(comfy.input_dir / "end.png"))
+    assert (saved_latent(comfy, entry) - core.latents).abs().max() <= 1e-5
+
+
+def test_video_to_video_latent_equals_core_generate(comfy, tiny_pipeline):
+    from easyanimate_core.media import read_frames
+
+    encode = load_video_frames("31", "clip.mp4")
+    encode["30"] = {"class_type": "EasyAnimateVAEEncode",
+                    "inputs": {"vae": ["1", 2], "pixels": ["31", 0], "size": "input"}}
+    entry = run_ok(comfy, graph("t2v", steps=4, denoise=0.5, latent=encode, save="latent"))
+    assert "the first 9 are used" in node_texts(entry, "30")[0]
+    video = read_frames(comfy.input_dir / "clip.mp4")
+    core = tiny_pipeline("t2v").generate(PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=9,
+                                         num_inference_steps=4, seed=43, video=video, strength=0.5)
+    assert (saved_latent(comfy, entry) - core.latents).abs().max() <= 1e-5
+
+
+def test_control_and_canny_make_a_video(comfy):
+    nodes = load_video_frames("21", "clip.mp4")
+    nodes["23"] = {"class_type": "EasyAnimateCannyEdges",
+                   "inputs": {"images": ["21", 0], "low_threshold": 100, "high_threshold": 200}}
+    nodes["20"] = {"class_type": "EasyAnimateControlVideo",
+                   "inputs": {"vae": ["1", 2], "control_video": ["23", 0], "size": "explicit",
+                              "width": TEST_WIDTH, "height": TEST_HEIGHT}}
+    entry = run_ok(comfy, graph("control", conditioning=nodes))
+    assert read_video(saved_video(comfy, entry))[:2] == (9, (TEST_WIDTH, TEST_HEIGHT))
+    assert "control_video has 10 frames; EasyAnimate takes 4k+1 frames, so the first 9 are used" in \
+        node_texts(entry, "20")[0]
+
+
+def test_region_inpaint_with_a_mask_runs(comfy):
+    nodes = load_video_frames("21", "clip.mp4")
+    nodes["24"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": TEST_WIDTH, "height": TEST_HEIGHT}}
+    nodes["20"] = {"class_type": "EasyAnimateVideoInpaint",
+                   "inputs": {"vae": ["1", 2], "video": ["21", 0], "mask": ["24", 0], "size": "bucket 512",
+                              "width": TEST_WIDTH, "height": TEST_HEIGHT}}
+    entry = run_ok(comfy, graph("inpaint", conditioning=nodes, denoise=0.7, steps=3))
+    frames, size, _ = read_video(saved_video(comfy, entry))
+    assert frames == INPUT_VIDEO_FRAMES - 1 and size == (672, 384)  # bucket 512 for 112x64 (ratio 0.57)
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI services
+def test_progress_and_previews_are_sent_for_every_step(comfy):
+    import websocket
+
+    client_id = "progress-test"
+    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
+    try:
+        status, answer = comfy.post("/prompt", {"prompt": graph("t2v", steps=8, seed=11), "client_id": client_id})
+        assert status == 200, answer
+        progress, previews = [], 0
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                previews += b"\xff\xd8" in message[:64]  # a JPEG preview frame
+                continue
+            event = json.loads(message)
+            data = event.get("data", {})
+            if event["type"] == "progress" and data.get("node") == "4":
+                progress.append((data["value"], data["max"]))
+            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == \
+                    answer["prompt_id"]:
+                break
+    finally:
+        ws.close()
+    assert [v for v, _ in progress][-8:] == list(range(1, 9)) and all(m == 8 for _, m in progress)
+    assert previews >= 4, f"only {previews} preview frames for 8 steps"
+
+
+def test_cancel_mid_sampling_leaves_the_model_as_it_was(comfy, tiny_pipeline):
+    import websocket
+
+    client_id = "cancel-test"
+    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
+    try:
+        status, answer = comfy.post("/prompt", {"prompt": graph("t2v", steps=200, frames=9, seed=5),
+                                                "client_id": client_id})
+        assert status == 200, answer
+        while True:
+            message = ws.recv()
+            if isinstance(message, str):
+                event = json.loads(message)
+                if event["type"] == "progress" and event["data"].get("node") == "4" and event["data"]["value"] >= 2:
+                    comfy.post("/interrupt", {})
+                    break
+    finally:
+        ws.close()
+    entry = comfy.wait(answer["prompt_id"])
+    kinds = [name for name, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    # The next run from the same loaded model equals a clean core run.
+    entry = run_ok(comfy, graph("t2v", seed=5, save="latent"))
+    core = tiny_pipeline("t2v").generate(PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=5,
+                                         num_inference_steps=2, seed=5)
+    assert (saved_latent(comfy, entry) - core.latents).abs().max() <= 1e-5
+
+
+def test_loaded_model_is_reused_across_runs_with_the_same_settings(comfy):
+    name = TINY_MODEL_NAMES["control"]
+    loads_before = comfy.log().count(f"loading {comfy.models_dir / name} ")
+    run_ok(comfy, graph("control", conditioning=control_video(), precision="auto", steps=1))
+    run_ok(comfy, graph("control", conditioning=control_video(), precision="fp32", steps=1))  # auto = fp32 on CPU
+    assert comfy.log().count(f"loading {comfy.models_dir / name} ") - loads_before <= 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_model_folder_names_the_tree_and_the_download(comfy):
+    error = run_error(comfy, graph("inpaint", model_name="EasyAnimateV5-12b-zh-InP"))
+    message = error["exception_message"]
+    assert error["node_type"] == "EasyAnimateModelLoader"
+    assert "'EasyAnimateV5-12b-zh-InP' was not found" in message and str(comfy.models_dir) in message
+    assert "transformer/config.json" in message and "tokenizer_2/spiece.model" in message
+    assert (f"huggingface-cli download alibaba-pai/EasyAnimateV5-12b-zh-InP --local-dir "
+            f"{comfy.models_dir / 'EasyAnimateV5-12b-zh-InP'}") in message
+
+
+def test_half_downloaded_folder_names_the_missing_file(comfy):
+    broken = comfy.models_dir / "EasyAnimateV5-7b-zh"
+    shutil.copytree(comfy.models_dir / TINY_MODEL_NAMES["t2v"], broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    message = run_error(comfy, graph("t2v", model_name="EasyAnimateV5-7b-zh"))["exception_message"]
+    assert f"missing {broken / 'vae' / 'diffusion_pytorch_model.safetensors'}" in message
+    assert f"huggingface-cli download alibaba-pai/EasyAnimateV5-7b-zh --local-dir {broken}" in message
+
+
+def test_truncated_safetensors_is_named(comfy):
+    broken = comfy.models_dir / "tiny-truncated"
+    shutil.copytree(comfy.models_dir / TINY_MODEL_NAMES["t2v"], broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    message = run_error(comfy, graph("t2v", model_name="tiny-truncated"))["exception_message"]
+    assert str(weights) in message and "truncated" in message
+
+
+def test_control_video_on_an_inp_model_says_which_model_to_load(comfy):
+    error = run_error(comfy, graph("inpaint", conditioning=control_video()))
+    assert error["node_type"] == "EasyAnimateSampler"
+    assert "InP" in error["exception_message"] and "EasyAnimateV5-12b-zh-Control" in error["exception_message"]
+
+
+def test_start_image_on_a_t2v_model_says_which_model_to_load(comfy):
+    error = run_error(comfy, graph("t2v", conditioning=image_to_video()))
+    assert error["node_type"] == "EasyAnimateSampler"
+    assert "text-to-video (T2V)" in error["exception_message"]
+    assert "EasyAnimateV5-12b-zh-InP" in error["exception_message"]
+
+
+def test_end_image_of_another_size_is_resized_and_the_node_says_so(comfy):
+    entry = run_ok(comfy, graph("inpaint", conditioning=image_to_video(end="end_small.png")))
+    assert "end_image is 48x40, the start image 112x64: both are resized to 112x64" in node_texts(entry, "20")[0]
+    assert read_video(saved_video(comfy, entry))[:2] == (5, (TEST_WIDTH, TEST_HEIGHT))
+
+
+def test_frame_count_not_4k_plus_1_is_rounded_and_said(comfy):
+    entry = run_ok(comfy, graph("control", conditioning=control_video()))
+    assert "the first 9 are used" in node_texts(entry, "20")[0]
+    assert read_video(saved_video(comfy, entry))[0] == 9
+
+
+def test_unknown_sampler_and_denoise_without_a_video_are_refused(comfy):
+    error = run_error(comfy, graph("t2v", sampler="LCM"))
+    assert "sampler_name must be one of DDIM, Euler, Euler A, DPM++, PNDM; got 'LCM'" in error["exception_message"]
+    error = run_error(comfy, graph("t2v", denoise=0.6))
+    assert "connect EasyAnimate VAE Encode" in error["exception_message"]
