@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -17,7 +18,8 @@ _OFFLOAD_DEVICES = {
     "text": mm.text_encoder_offload_device,
     "vae": mm.vae_offload_device,
 }
-PREVIEW_EVERY_FRACTION = 8   # about this many previews per run
+PREVIEW_EVERY_FRACTION = 8   # at most about this many previews per run
+PREVIEW_TIME_BUDGET = 0.1    # previews after the first may take at most this fraction of the sampling time
 PREVIEW_MAX_LATENT_SIDE = 32  # previews are decoded from at most 32 latent pixels (256 px) on the long side
 
 
@@ -91,21 +93,32 @@ class SamplingProgress:
     """Per-step progress callback for the core pipeline: progress bar, Cancel check, preview frames.
 
     The preview is the first frame of the sampler's x0 estimate, decoded from a downsampled latent
-    by the model's own VAE every few steps (and at the last step).
+    by the model's own VAE every few steps, as long as previews stay within PREVIEW_TIME_BUDGET of the
+    time spent sampling (on a GPU a preview costs a fraction of a step; on a CPU it may cost more).
     """
 
     def __init__(self, total: int, decode_preview=None):
         self.bar = comfy.utils.ProgressBar(total)
         self.decode_preview = decode_preview if previews_enabled() else None
         self.every = max(1, total // PREVIEW_EVERY_FRACTION)
+        self.started = time.perf_counter()
+        self.preview_seconds = 0.0
 
     def __call__(self, info) -> None:
         check_interrupted()
         preview = None
-        if self.decode_preview is not None and (info.step % self.every == 0 or info.step == info.total):
+        if self._wants_preview(info.step):
+            began = time.perf_counter()
             source = info.denoised if info.denoised is not None else info.latents
             preview = ("JPEG", self._preview_image(source), 512)
+            self.preview_seconds += time.perf_counter() - began
         self.bar.update_absolute(info.step, info.total, preview)
+
+    def _wants_preview(self, step: int) -> bool:
+        if self.decode_preview is None or step % self.every:
+            return False
+        sampling = time.perf_counter() - self.started - self.preview_seconds
+        return self.preview_seconds == 0.0 or self.preview_seconds <= PREVIEW_TIME_BUDGET * sampling
 
     @torch.inference_mode()
     def _preview_image(self, latents: torch.Tensor):

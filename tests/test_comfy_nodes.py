@@ -185,11 +185,21 @@ def test_region_inpaint_with_a_mask_runs(comfy):
     nodes = load_video_frames("21", "clip.mp4")
     nodes["24"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": TEST_WIDTH, "height": TEST_HEIGHT}}
     nodes["20"] = {"class_type": "EasyAnimateVideoInpaint",
-                   "inputs": {"vae": ["1", 2], "video": ["21", 0], "mask": ["24", 0], "size": "bucket 512",
+                   "inputs": {"vae": ["1", 2], "video": ["21", 0], "mask": ["24", 0], "size": "explicit",
                               "width": TEST_WIDTH, "height": TEST_HEIGHT}}
     entry = run_ok(comfy, graph("inpaint", conditioning=nodes, denoise=0.7, steps=3))
     frames, size, _ = read_video(saved_video(comfy, entry))
-    assert frames == INPUT_VIDEO_FRAMES - 1 and size == (672, 384)  # bucket 512 for 112x64 (ratio 0.57)
+    assert frames == INPUT_VIDEO_FRAMES - 1 and size == (TEST_WIDTH, TEST_HEIGHT)
+
+
+def test_resolution_bucket_node_gives_the_trained_size(comfy):
+    prompt = load_image("1", "start.png")
+    prompt["2"] = {"class_type": "EasyAnimateResolutionBucket", "inputs": {"image": ["1", 0], "base_resolution": "768"}}
+    prompt["3"] = {"class_type": "EmptyImage", "inputs": {"width": ["2", 0], "height": ["2", 1], "batch_size": 1,
+                                                          "color": 0}}
+    prompt["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bucket"}}
+    entry = run_ok(comfy, prompt)
+    assert node_texts(entry, "2") == ["1008x576"]  # 112x64 is ratio 0.57: bucket 384x672 at 512, x1.5
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI services
@@ -217,7 +227,8 @@ def test_progress_and_previews_are_sent_for_every_step(comfy):
     finally:
         ws.close()
     assert [v for v, _ in progress][-8:] == list(range(1, 9)) and all(m == 8 for _, m in progress)
-    assert previews >= 4, f"only {previews} preview frames for 8 steps"
+    # The first step always sends a preview; later ones are limited to a share of the sampling time.
+    assert previews >= 1, "no preview frame was sent"
 
 
 def test_cancel_mid_sampling_leaves_the_model_as_it_was(comfy, tiny_pipeline):
@@ -249,11 +260,13 @@ def test_cancel_mid_sampling_leaves_the_model_as_it_was(comfy, tiny_pipeline):
 
 
 def test_loaded_model_is_reused_across_runs_with_the_same_settings(comfy):
-    name = TINY_MODEL_NAMES["control"]
-    loads_before = comfy.log().count(f"loading {comfy.models_dir / name} ")
-    run_ok(comfy, graph("control", conditioning=control_video(), precision="auto", steps=1))
-    run_ok(comfy, graph("control", conditioning=control_video(), precision="fp32", steps=1))  # auto = fp32 on CPU
-    assert comfy.log().count(f"loading {comfy.models_dir / name} ") - loads_before <= 1
+    loading = f"loading {comfy.models_dir / TINY_MODEL_NAMES['t2v']} "
+    run_ok(comfy, graph("t2v", precision="auto", steps=1, seed=1))
+    loads = comfy.log().count(loading)
+    # A changed loader input makes ComfyUI run the loader again; auto is fp32 on the CPU, so nothing is re-read.
+    entry = run_ok(comfy, graph("t2v", precision="fp32", steps=1, seed=1))
+    assert "float32" in node_texts(entry, "1")[0]
+    assert comfy.log().count(loading) == loads >= 1
 
 
 # ---------------------------------------------------------------------------------------------- bad input
