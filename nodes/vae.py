@@ -6,9 +6,11 @@ from comfy_api.latest import io
 
 from ..easyanimate_core.vae_io import decode_latents
 from .comfy_bridge import check_interrupted, to_output_images
-from .conditioning import CATEGORY, encode_video_latent, target_size, ui_text, usable_frames
+from .conditioning import CATEGORY, SIZE_MODES, check_choice, encode_video_latent, target_size, ui_text, usable_frames
 from .sampling import latent_geometry
 from .types import VaeType
+
+ENCODE_SIZES = ("input",) + tuple(mode for mode in SIZE_MODES if mode != "explicit")
 
 
 class VAEDecode(io.ComfyNode):
@@ -62,8 +64,7 @@ class VAEEncode(io.ComfyNode):
             inputs=[
                 VaeType.Input("vae", tooltip="From the EasyAnimate Model Loader."),
                 io.Image.Input("pixels", tooltip="Video frames (4k+1; extra frames are dropped)."),
-                io.Combo.Input("size", options=["input", "bucket 512", "bucket 768", "bucket 960", "bucket 1024"],
-                               default="input",
+                io.Combo.Input("size", options=list(ENCODE_SIZES), default="input",
                                tooltip="input: the frames' own size floored to multiples of 16; bucket: the "
                                        "training bucket nearest to their aspect ratio."),
             ],
@@ -73,6 +74,7 @@ class VAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, pixels: torch.Tensor, size: str = "input") -> io.NodeOutput:
+        check_choice("size", size, ENCODE_SIZES)
         notes = []
         mode = "explicit" if size == "input" else size
         w, h = target_size(mode, pixels.shape[2], pixels.shape[1], pixels, notes)
