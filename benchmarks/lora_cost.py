@@ -14,9 +14,9 @@ file, alpha = rank / 2.
   W.copy_(W0 + s * up @ down) per layer (and W.copy_(W0) to remove). No cost per step.
 
 Ratios at this size overstate the 12B ones, since a rank-r update costs r(in + out) / (in * out) of its
-Linear and this model's hidden size is 512 against 3072. The script therefore also counts, for the 12B
-config at 384x672x49 (a forward on the meta device, no weights), LoRA bytes / weight bytes and LoRA
-FLOPs / step FLOPs (Linear layers + attention).
+Linear and this model's hidden size is 512 against 3072. The script therefore also counts, for this model
+and for the 12B config at 384x672x49 (a forward on the meta device, no weights), LoRA bytes / weight bytes
+(factors in the activation dtype) and LoRA FLOPs / step FLOPs (Linear layers + attention).
 
 Timing: median of --runs after one warm-up each, configurations alternating, default torch thread count,
 torch.inference_mode. Times are wall-clock; the extra time per step is also given in process CPU seconds
@@ -107,35 +107,33 @@ class Merger:
         return sum(t.nbytes for t in self.pristine.values())
 
 
-def count_12b(rank: int) -> tuple[float, float, float]:
-    """12B at 384x672x49, guided: (LoRA/weight bytes in bf16, same with float8 weights, LoRA/step FLOPs)."""
+def count(config: TransformerConfig, frames: int, height: int, width: int, rank: int) -> tuple[float, float]:
+    """(LoRA / weight parameters, LoRA / step FLOPs) of a guided step, counted by a forward on the meta device."""
     with torch.device("meta"):
-        model = EasyAnimateTransformer3D(TransformerConfig(in_channels=33)).to(torch.bfloat16)
-    linear_flops, lora_flops, attn_flops = [0], [0], [0]
+        model = EasyAnimateTransformer3D(config)
+    flops = {"linear": 0, "lora": 0, "attention": 0}
 
     def on_linear(m, args, out):
         tokens = args[0].numel() // m.in_features
-        linear_flops[0] += 2 * tokens * m.in_features * m.out_features
-        lora_flops[0] += 2 * tokens * rank * (m.in_features + m.out_features)
+        flops["linear"] += 2 * tokens * m.in_features * m.out_features
+        flops["lora"] += 2 * tokens * rank * (m.in_features + m.out_features)
 
     def on_block(m, args, out):
         batch, length = args[0].shape[0], args[0].shape[1] + args[1].shape[1]
-        attn_flops[0] += 4 * batch * length**2 * model.config.inner_dim  # QK^T and AV
+        flops["attention"] += 4 * batch * length**2 * config.inner_dim  # QK^T and AV
 
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.register_forward_hook(on_linear)
     for block in model.transformer_blocks:
         block.register_forward_hook(on_block)
-    b, f, h, w = 2, 13, 384 // 8, 672 // 8
     meta = dict(device="meta")
     with torch.inference_mode():
-        model(torch.empty(b, 16, f, h, w, **meta), torch.full((b,), 999.0, **meta), torch.empty(b, 77, 1024, **meta),
-              torch.empty(b, 256, 2048, **meta), inpaint_latents=torch.empty(b, 17, f, h, w, **meta))
+        model(torch.empty(2, config.in_channels, frames, height, width, **meta), torch.full((2,), 999.0, **meta),
+              torch.empty(2, 77, config.text_embed_dim, **meta), torch.empty(2, 256, config.text_embed_dim_t5, **meta))
     params = sum(p.numel() for p in model.parameters())
     lora_params = sum(rank * (m.in_features + m.out_features) for m in linears(model).values())
-    # bf16 factors against bf16 weights, and against float8 weights (1 byte each, the qfloat8 mode).
-    return lora_params / params, 2 * lora_params / params, lora_flops[0] / (linear_flops[0] + attn_flops[0])
+    return lora_params / params, flops["lora"] / (flops["linear"] + flops["attention"])
 
 
 def main() -> None:
@@ -186,7 +184,6 @@ def main() -> None:
             merge = statistics.median(timed(lambda: merger.merge(s)) for s in (0.5, 0.7, 0.9))
             restore = timed(merger.restore)
             rows.append((r, cold, warm, per_step, buffers, cache, merge, restore, merger.extra_bytes))
-            del merger
 
     print("\ntime as a ratio of one step, memory as a ratio of the model's weight bytes:")
     print(f"{'rank':>5} | {'run time: set cold':>18} {'set cached':>10} {'per step wall/CPU':>17} {'buffers':>8} "
@@ -197,11 +194,13 @@ def main() -> None:
               f"{buffers / weight_bytes:>8.1%} {cache / weight_bytes:>9.1%} | {merge / step_s:>13.3f} "
               f"{restore / step_s:>7.3f} {0:>+9.1%} {pristine / weight_bytes:>9.1%}")
 
-    print("\n12B, 384x672x49, guided step (counted on the meta device, run-time update):")
-    for r in RANKS:
-        bf16_bytes, fp8_bytes, flops = count_12b(r)
-        print(f"  rank {r:>3}: LoRA buffers {bf16_bytes:.1%} of bf16 weights ({fp8_bytes:.1%} of float8 weights), "
-              f"extra FLOPs {flops:.1%} of a step")
+    print("\ncounted (forward on the meta device), run-time update, guided step:")
+    for label, config, shape in (("this model, 13x32x32 latents ", TransformerConfig(**CONFIG), (13, 32, 32)),
+                                 ("12B at 384x672x49 (bf16)     ", TransformerConfig(), (13, 48, 84))):
+        for r in RANKS:
+            params, flops = count(config, *shape, r)
+            print(f"  {label} rank {r:>3}: LoRA {params:.1%} of the weight bytes (float8 weights: {2 * params:.1%}), "
+                  f"extra FLOPs {flops:.1%} of a step")
 
 
 if __name__ == "__main__":

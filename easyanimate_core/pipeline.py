@@ -83,6 +83,12 @@ class Pipeline:
         else:
             self.vae.disable_tiling()
 
+    def set_loras(self, loras):
+        """Compute with exactly these LoRAs, [(path, strength), ...] ([] = none); base weights are never written."""
+        from .lora import set_loras
+
+        return set_loras(self.transformer, list(loras))
+
     # ------------------------------------------------------------------ text
     def encode_prompt(self, prompt: str) -> PromptEmbeds:
         """Encode one prompt (cached: re-encoding the same text is free)."""
