@@ -9,6 +9,7 @@ loaders.register_model_folder()
 
 NODES = [
     loaders.ModelLoader,
+    loaders.LoraLoader,
     conditioning.TextEncode,
     conditioning.EmptyLatent,
     conditioning.ImageToVideo,

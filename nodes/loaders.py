@@ -13,6 +13,7 @@ import folder_paths
 from ..easyanimate_core import auto_dtype, load_pipeline, resolve_dtype
 from ..easyanimate_core.errors import ModelFolderError, UnsupportedRequestError
 from ..easyanimate_core.loading import EXPECTED_TREE, download_hint
+from ..easyanimate_core.lora import set_loras
 from .comfy_bridge import ManagedModule, compute_device, log, offload_device
 from .types import EasyAnimateModel, EasyAnimateTextEncoders, EasyAnimateVae, ModelType, TextEncodersType, VaeType
 
@@ -143,3 +144,45 @@ class ModelLoader(io.ComfyNode):
         model, text, vae = load_components(model_name, precision)
         return io.NodeOutput(model, text, vae, ui={"text": (f"{model_name}: {model.kind} model, "
                                                              f"{str(model.dtype).replace('torch.', '')}",)})
+
+
+def resolve_lora(name: str) -> Path:
+    """Full path of a file in ComfyUI's loras folders, or an error naming where it was looked for."""
+    path = folder_paths.get_full_path("loras", name) if name else None
+    if path is None:
+        folders = "\n".join(f"  {p}" for p in folder_paths.get_folder_paths("loras"))
+        raise ModelFolderError(f"LoRA '{name}' was not found in:\n{folders}\nPut EasyAnimate V5 LoRA .safetensors "
+                               "files there (e.g. EasyAnimateV5-12b-zh-InP-MPS.safetensors from "
+                               "alibaba-pai/EasyAnimateV5-Reward-LoRAs) and refresh the page.")
+    return Path(path)
+
+
+class LoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EasyAnimateLoraLoader",
+            display_name="EasyAnimate LoRA",
+            category="EasyAnimate",
+            description="Adds a LoRA (kohya or diffusers/peft layout) to the model. Chain several to stack them. "
+                        "The base weights are never changed: the update is applied while sampling.",
+            inputs=[
+                ModelType.Input("model", tooltip="From the EasyAnimate Model Loader or another LoRA node."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A .safetensors file in models/loras/ trained for EasyAnimate V5 (not V5.1)."),
+                io.Float.Input("strength", default=0.7, min=-4.0, max=4.0, step=0.05,
+                               tooltip="How strongly to apply it; 0.7 is the suggested weight of the official "
+                                       "reward LoRAs. Negative values push away from it."),
+            ],
+            outputs=[ModelType.Output("model_with_lora", display_name="model",
+                                      tooltip="The model with this LoRA added to any it already had.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength: float = 0.7) -> io.NodeOutput:
+        path = resolve_lora(lora_name)
+        patched = model.with_lora(str(path), strength)
+        # Check the file against the model now, so a wrong LoRA fails on this node; the sampler sets the
+        # exact list of the model it is given before every run.
+        report = set_loras(patched.transformer, list(patched.loras))
+        return io.NodeOutput(patched, ui={"text": (report.summary(),)})

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..easyanimate_core import SAMPLER_NAMES
 from ..easyanimate_core.errors import UnsupportedRequestError
+from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.models.vae import DiagonalGaussian
 from ..easyanimate_core.pipeline import KIND_NAMES, Pipeline
 from ..easyanimate_core.samplers import DEFAULT_SAMPLER
@@ -114,6 +115,9 @@ class Sampler(io.ComfyNode):
             model.module.load(model.vae.module)
         else:
             model.module.load()
+        # After loading, so the LoRA factors are created on the compute device. The shared transformer
+        # gets exactly this model's list (none for the base model) before every run.
+        lora_report = set_loras(model.transformer, list(model.loras))
         progress = SamplingProgress(len(prepared.timesteps), _preview_decoder(model) if preview else None)
         try:
             final = pipe.denoise(prepared, positive.embeds, negative.embeds if cfg > 1.0 else None, cfg, progress)
@@ -126,6 +130,8 @@ class Sampler(io.ComfyNode):
         if cond is not None:
             notes[0] += f"; conditioning: {cond.describe()}"
             notes.extend(cond.notes)
+        if model.loras:
+            notes.append("LoRA: " + lora_report.summary().replace("\n", "; "))
         return io.NodeOutput({"samples": final.float().cpu()}, ui=ui_text(notes))
 
 

@@ -58,10 +58,25 @@ def tiny_pipeline(tiny_model_dir):
 
 TINY_MODEL_NAMES = {"t2v": "EasyAnimateV5-tiny-zh", "inpaint": "EasyAnimateV5-tiny-zh-InP",
                     "control": "EasyAnimateV5-tiny-zh-Control"}
+# LoRA files in the server's models/loras/: two that fit the tiny models (one per layout), one for V5.1.
+TINY_LORAS = {"kohya": "EasyAnimateV5-tiny-zh-InP-MPS.safetensors", "peft": "tiny-style-peft.safetensors",
+              "v51": "EasyAnimateV5.1-style.safetensors"}
+
+
+def write_test_loras(folder: Path, transformer) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tiny_lora import write_tiny_lora
+
+    write_tiny_lora(folder / TINY_LORAS["kohya"], transformer, rank=4, seed=1, alpha=2.0, layout="kohya")
+    write_tiny_lora(folder / TINY_LORAS["peft"], transformer, rank=2, seed=2, alpha=None, layout="peft")
+    save_file({"lora_unet_transformer_blocks_0_attn1_add_q_proj.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_transformer_blocks_0_attn1_add_q_proj.lora_up.weight": torch.zeros(8, 4)},
+              str(folder / TINY_LORAS["v51"]))
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory, tiny_model_dir):
+def comfy(tmp_path_factory, tiny_model_dir, tiny_pipeline):
     """A real ComfyUI server with this pack installed and the tiny models under models/EasyAnimate/."""
     from comfy_media import write_test_inputs
     from comfy_server import ComfyServer
@@ -70,6 +85,7 @@ def comfy(tmp_path_factory, tiny_model_dir):
     for kind, name in TINY_MODEL_NAMES.items():
         (server.models_dir / name).symlink_to(tiny_model_dir(kind), target_is_directory=True)
     write_test_inputs(server.input_dir)
+    write_test_loras(server.base / "models" / "loras", tiny_pipeline("t2v").transformer)
     server.start()
     yield server
     server.stop()

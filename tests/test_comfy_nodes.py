@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from comfy_media import INPUT_VIDEO_FRAMES, TEST_HEIGHT, TEST_WIDTH, read_video
 from comfy_server import execution_error, node_texts
-from conftest import TINY_MODEL_NAMES
+from conftest import TINY_LORAS, TINY_MODEL_NAMES
 
-OUR_NODES = {"EasyAnimateModelLoader", "EasyAnimateTextEncode", "EasyAnimateEmptyLatent", "EasyAnimateImageToVideo",
+OUR_NODES = {"EasyAnimateModelLoader", "EasyAnimateLoraLoader", "EasyAnimateTextEncode", "EasyAnimateEmptyLatent", "EasyAnimateImageToVideo",
              "EasyAnimateVideoInpaint", "EasyAnimateControlVideo", "EasyAnimateResolutionBucket",
              "EasyAnimateCannyEdges", "EasyAnimateSampler", "EasyAnimateVAEDecode", "EasyAnimateVAEEncode"}
 PROMPT, NEGATIVE = "a red fox running through snow", "blurry"
@@ -22,7 +22,7 @@ PROMPT, NEGATIVE = "a red fox running through snow", "blurry"
 
 # ---------------------------------------------------------------------------------------------- prompt building
 def graph(kind="t2v", *, model_name=None, steps=2, seed=43, cfg=6.0, sampler="DDIM", denoise=1.0, frames=5,
-          conditioning=None, latent=None, save="video", precision="auto"):
+          conditioning=None, latent=None, save="video", precision="auto", loras=()):
     """An API-format prompt: loader → text → latent (or conditioning) → sampler → decode → save."""
     prompt = {
         "1": {"class_type": "EasyAnimateModelLoader",
@@ -35,6 +35,12 @@ def graph(kind="t2v", *, model_name=None, steps=2, seed=43, cfg=6.0, sampler="DD
               "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0],
                          "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "denoise": denoise}},
     }
+    model = ["1", 0]
+    for i, (name, strength) in enumerate(loras):
+        prompt[f"4{i}"] = {"class_type": "EasyAnimateLoraLoader",
+                           "inputs": {"model": model, "lora_name": name, "strength": strength}}
+        model = [f"4{i}", 0]
+    prompt["4"]["inputs"]["model"] = model
     if conditioning is not None:
         prompt.update(conditioning)
         prompt["4"]["inputs"]["video_conditioning"] = ["20", 0]
@@ -120,7 +126,10 @@ def test_pack_registers_every_node_with_tooltips(comfy):
         inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
         for name, (kind, options) in inputs.items():
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
-        assert not set(inputs) & set(node["output_name"]), f"{node_id}: input and output ids overlap"
+        # Ids are checked by ComfyUI when the pack registers (an overlap fails the import); object_info shows
+        # output display names, and the LoRA node deliberately shows its output as "model" too.
+        if node_id != "EasyAnimateLoraLoader":
+            assert not set(inputs) & set(node["output_name"]), f"{node_id}: input and output names overlap"
     options = info["EasyAnimateModelLoader"]["input"]["required"]["model_name"][1]["options"]
     assert set(TINY_MODEL_NAMES.values()) <= set(options)
     assert info["EasyAnimateSampler"]["input"]["required"]["sampler_name"][1]["options"] == \
@@ -200,6 +209,39 @@ def test_resolution_bucket_node_gives_the_trained_size(comfy):
     prompt["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bucket"}}
     entry = run_ok(comfy, prompt)
     assert node_texts(entry, "2") == ["1008x576"]  # 112x64 is ratio 0.57: bucket 384x672 at 512, x1.5
+
+
+def test_stacked_loras_equal_core_set_loras_and_leave_the_base_model_alone(comfy, tiny_pipeline):
+    loras = [(TINY_LORAS["kohya"], 0.7), (TINY_LORAS["peft"], -0.4)]
+    entry = run_ok(comfy, graph("t2v", seed=3, loras=loras, save="latent"))
+    assert "EasyAnimateV5-tiny-zh-InP-MPS.safetensors @ 0.7" in node_texts(entry, "40")[0]
+    assert "tiny-style-peft.safetensors @ -0.4" in node_texts(entry, "4")[-1]
+    pipe = tiny_pipeline("t2v")
+    folder = comfy.base / "models" / "loras"
+    try:
+        pipe.set_loras([(folder / name, strength) for name, strength in loras])
+        with_lora = pipe.generate(PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=5,
+                                  num_inference_steps=2, seed=3)
+    finally:
+        pipe.set_loras([])
+    base = pipe.generate(PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=5,
+                         num_inference_steps=2, seed=3)
+    ours = saved_latent(comfy, entry)
+    assert (ours - with_lora.latents).abs().max() <= 1e-5
+    assert (ours - base.latents).abs().max() > 1e-3, "the LoRA had no effect"
+    # The same loaded model without the LoRA nodes is the base model again.
+    entry = run_ok(comfy, graph("t2v", seed=3, save="latent"))
+    assert (saved_latent(comfy, entry) - base.latents).abs().max() <= 1e-5
+
+
+def test_lora_errors_name_the_file_and_the_cause(comfy):
+    error = run_error(comfy, graph("t2v", loras=[("missing.safetensors", 0.7)]))
+    assert error["node_type"] == "EasyAnimateLoraLoader"
+    assert "LoRA 'missing.safetensors' was not found in" in error["exception_message"]
+    assert str(comfy.base / "models" / "loras") in error["exception_message"]
+    error = run_error(comfy, graph("t2v", loras=[(TINY_LORAS["v51"], 0.7)]))
+    assert error["node_type"] == "EasyAnimateLoraLoader"
+    assert "matches no layer of the model" in error["exception_message"] and "V5.1" in error["exception_message"]
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI services

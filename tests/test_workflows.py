@@ -16,7 +16,7 @@ import pytest
 
 from comfy_media import INPUT_VIDEO_FRAMES, TEST_HEIGHT, TEST_WIDTH, read_video
 from comfy_server import execution_error
-from conftest import REPO_ROOT, TINY_MODEL_NAMES
+from conftest import TINY_LORAS, REPO_ROOT, TINY_MODEL_NAMES
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
@@ -31,8 +31,10 @@ REQUIRED = {
     "region inpaint": ("easyanimate_v5_region_inpaint.json", {"inpaint"}),
     "control (Canny)": ("easyanimate_v5_control_canny.json", {"control"}),
     "control (pose video)": ("easyanimate_v5_control_pose.json", {"control"}),
+    "text to video + LoRA": ("easyanimate_v5_text_to_video_lora.json", {"inpaint", "t2v"}),
 }
 OFFICIAL_MODEL = re.compile(r"^EasyAnimateV5(\.1)?-(7b|12b)-zh(-InP|-Control)?$")
+OFFICIAL_LORA = re.compile(r"^EasyAnimateV5-(7b|12b)-zh-InP-(HPS2\.1|MPS)\.safetensors$")
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 VHS_UI_ONLY_WIDGETS = {"videopreview", "choose video to upload"}  # preview state and the upload button
 SHRUNK_FRAMES, SHRUNK_STEPS = 5, 2
@@ -125,6 +127,10 @@ def value_problem(name: str, spec, value) -> str | None:
             return f"{name}={value!r} is not min {options.get('min', 0)} + a multiple of step {step}"
         return None
     return f"{name}: unknown widget type {kind!r}"
+
+
+def notes_text(workflow: dict) -> str:
+    return " ".join(str(n["widgets_values"][0]) for n in workflow["nodes"] if n["type"] in UI_ONLY_TYPES)
 
 
 def links_by_id(workflow: dict) -> dict:
@@ -290,6 +296,10 @@ def test_easyanimate_widget_values_convert_to_values_our_nodes_accept(path, obje
                 if not OFFICIAL_MODEL.match(value):
                     problems.append(f"{where}: model_name {value!r} is not an official EasyAnimate V5 folder")
                 continue
+            if node["class_type"] == "EasyAnimateLoraLoader" and name == "lora_name":
+                if not OFFICIAL_LORA.match(value):
+                    problems.append(f"{where}: lora_name {value!r} is not an official EasyAnimate V5 reward LoRA")
+                continue
             problem = value_problem(name, spec, value)
             if problem:
                 problems.append(f"{where}: {problem}")
@@ -305,6 +315,9 @@ def test_easyanimate_widget_values_convert_to_values_our_nodes_accept(path, obje
         assert got == (43, 50, 6.0, "DDIM"), f"{path.name}: sampler (seed, steps, cfg, sampler) {got}, not 43/50/6/DDIM"
         source = api[sampler["latent_image"][0]]["class_type"]
         assert sampler["denoise"] == (0.7 if source == "EasyAnimateVAEEncode" else 1.0), f"denoise with {source}"
+    for lora in by_type.get("EasyAnimateLoraLoader", []):
+        assert lora["strength"] == 0.7, f"{path.name}: LoRA strength {lora['strength']}, not the suggested 0.7"
+        assert lora["lora_name"] in notes_text(wf), f"{path.name}: the note does not say where to get the LoRA"
     for text in by_type["EasyAnimateTextEncode"]:
         assert text["prompt"].strip(), f"{path.name}: empty prompt"
         assert text["negative_prompt"] == default_negative, f"{path.name}: negative prompt is not the node default"
@@ -379,6 +392,8 @@ def shrink_for_tiny_models(api: dict) -> int:
             expected = round_frames(INPUT_VIDEO_FRAMES)
         elif kind == "EasyAnimateSampler":
             inputs["steps"] = SHRUNK_STEPS
+        elif kind == "EasyAnimateLoraLoader":
+            inputs["lora_name"] = TINY_LORAS["kohya"]
         elif kind == "LoadImage":
             inputs["image"] = "end.png" if "end_image" in consumers.get(nid, ()) else "start.png"
         elif kind == "LoadImageMask":
