@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -66,6 +67,15 @@ class ManagedModule:
         """Move this component (and `others`) to the compute device through the manager."""
         mm.load_models_gpu([self.patcher, *(o.patcher for o in others)], force_full_load=True)
         return self.module
+
+    @contextmanager
+    def in_use(self):
+        """Loaded for the `with` block, offloaded afterwards (also on errors and Cancel)."""
+        self.load()
+        try:
+            yield self.module
+        finally:
+            self.offload()
 
     def offload(self) -> None:
         """Give the memory back: unload through the manager, then empty the allocator's cache."""

@@ -95,12 +95,9 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoders, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT) -> io.NodeOutput:
-        text_encoders.module.load()
-        try:
+        with text_encoders.module.in_use():
             encoded = [TextConditioning(text_encoders.encoders.encode([text]).to("cpu", torch.float32), text)
                        for text in (prompt, negative_prompt)]
-        finally:
-            text_encoders.module.offload()
         return io.NodeOutput(*encoded)
 
 
@@ -215,12 +212,9 @@ class VideoInpaint(io.ComfyNode):
 
 def encode_video_latent(vae, frames: torch.Tensor, width: int, height: int) -> dict:
     """LATENT of a video: samples = posterior mean × scaling; the posterior rides along for video to video."""
-    vae.module.load()
-    try:
+    with vae.module.in_use():
         posterior = encode_frames(vae.vae, frames, height, width, vae.module.device)
         mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-    finally:
-        vae.module.offload()
     return {"samples": mean * vae.vae.scaling_factor, "easyanimate_posterior": (mean, std)}
 
 

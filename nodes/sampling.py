@@ -1,6 +1,8 @@
 """The sampler node: text + latent (+ image/video/control conditioning) → denoised video latent."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from comfy_api.latest import io
 
 from ..easyanimate_core import SAMPLER_NAMES
@@ -98,17 +100,12 @@ class Sampler(io.ComfyNode):
         check_interrupted()
 
         needs_vae = any(v is not None for v in inputs.values()) or (denoise < 1.0 and posterior is None)
-        if needs_vae:
-            vae.module.load()
-        try:
-            if posterior is not None:
-                posterior = DiagonalGaussian.from_mean_std(posterior.mean.to(device), posterior.std.to(device))
+        if posterior is not None:
+            posterior = DiagonalGaussian.from_mean_std(posterior.mean.to(device), posterior.std.to(device))
+        with vae.module.in_use() if needs_vae else nullcontext():
             prepared = pipe.prepare(height=height, width=width, num_frames=frames, num_inference_steps=steps,
                                     sampler=sampler_name, seed=seed, strength=denoise, video_latent_dist=posterior,
                                     **inputs)
-        finally:
-            if needs_vae:
-                vae.module.offload()
 
         preview = previews_enabled()
         if preview:

@@ -40,16 +40,15 @@ class VAEDecode(io.ComfyNode):
         check_interrupted()
         module = vae.vae
         saved = (module.use_tiling, module.tile_sample_min_size, module.tile_overlap_factor)
-        vae.module.load()
-        try:
-            if tiling:
-                module.enable_tiling(tile_size)
-            else:
-                module.disable_tiling()
-            frames = decode_latents(module, samples["samples"], vae.module.device)
-        finally:
-            module.use_tiling, module.tile_sample_min_size, module.tile_overlap_factor = saved
-            vae.module.offload()
+        with vae.module.in_use():
+            try:
+                if tiling:
+                    module.enable_tiling(tile_size)
+                else:
+                    module.disable_tiling()
+                frames = decode_latents(module, samples["samples"], vae.module.device)
+            finally:
+                module.use_tiling, module.tile_sample_min_size, module.tile_overlap_factor = saved
         return io.NodeOutput(to_output_images(frames))
 
 
