@@ -32,13 +32,13 @@ def latent_geometry(latent: dict) -> tuple[int, int, int]:
     return h * 8, w * 8, (t - 1) * 4 + 1
 
 
-def start_video_posterior(latent: dict, denoise: float):
+def start_video_posterior(latent: dict, denoise: float, device):
     """For denoise < 1: the encoded input video to start from (None when the core should encode pixels)."""
     if denoise >= 1.0:
         return None
     if "easyanimate_posterior" in latent:
         mean, std = latent["easyanimate_posterior"]
-        return DiagonalGaussian.from_mean_std(mean, std)
+        return DiagonalGaussian.from_mean_std(mean.to(device), std.to(device))
     return None
 
 
@@ -86,22 +86,21 @@ class Sampler(io.ComfyNode):
         if cond is not None:
             inputs = dict(start_image=cond.start_image, end_image=cond.end_image, video=cond.video, mask=cond.mask,
                           control_video=cond.control_video)
-        posterior = start_video_posterior(latent_image, denoise)
+        device = compute_device()
+        posterior = start_video_posterior(latent_image, denoise, device)
         if denoise < 1.0 and posterior is None and inputs.get("video") is None:
             raise UnsupportedRequestError(
                 "denoise < 1 is video to video and starts from an encoded video: connect EasyAnimate VAE Encode "
                 "(or Video Inpaint) to latent_image, or set denoise to 1")
 
-        device = compute_device()
         pipe = Pipeline(transformer=model.transformer, vae=vae.vae, text_encoders=None,
                         scheduler_config=model.scheduler_config, kind=model.kind,
                         add_noise_in_inpaint_model=model.add_noise_in_inpaint_model, device=device, dtype=model.dtype)
         pipe.check_request(**inputs, strength=denoise, video_latent_dist=posterior)
         check_interrupted()
 
-        needs_vae = any(v is not None for v in inputs.values()) or (denoise < 1.0 and posterior is None)
-        if posterior is not None:
-            posterior = DiagonalGaussian.from_mean_std(posterior.mean.to(device), posterior.std.to(device))
+        # Pixel inputs are encoded here (denoise < 1 without a posterior always comes with a video, see above).
+        needs_vae = any(v is not None for v in inputs.values())
         with vae.module.in_use() if needs_vae else nullcontext():
             prepared = pipe.prepare(height=height, width=width, num_frames=frames, num_inference_steps=steps,
                                     sampler=sampler_name, seed=seed, strength=denoise, video_latent_dist=posterior,
