@@ -18,9 +18,11 @@ def encode_frames(vae, frames: torch.Tensor, height: int, width: int, device=Non
 def decode_latents(vae, latents: torch.Tensor, device=None) -> torch.Tensor:
     """Scaled latents [1,16,T,h,w] → frames [F,H,W,3] float32 0..1 on CPU."""
     device = torch.device(device) if device is not None else _device_of(vae)
-    video = vae.decode(latents.to(device, vae.dtype) / vae.scaling_factor)
-    video = video.float().clamp(-1, 1) / 2 + 0.5
-    return video[0].permute(1, 2, 3, 0).cpu().contiguous()
+    video = vae.decode(latents.to(device, vae.dtype) / vae.scaling_factor)[0]
+    # To the host in the VAE's dtype first, then in place: no full-size float32 copies on the device.
+    video = video.cpu().float()
+    video.clamp_(-1, 1).mul_(0.5).add_(0.5)
+    return video.permute(1, 2, 3, 0).contiguous()
 
 
 def _device_of(module) -> torch.device:
