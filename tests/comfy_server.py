@@ -42,11 +42,13 @@ def free_port() -> int:
 class ComfyServer:
     """Start/stop a ComfyUI server and talk to its HTTP API."""
 
-    def __init__(self, workdir: Path, pack_dir: Path, preview_method: str = "auto"):
+    def __init__(self, workdir: Path, pack_dir: Path, preview_method: str = "auto",
+                 extra_packs: dict[str, Path] | None = None):
         self.workdir = workdir
         self.app_dir = workdir / "comfyui"
         self.base = workdir / "base"
         self.pack_dir = pack_dir
+        self.extra_packs = dict(extra_packs or {})  # custom_nodes/<name> → folder (test-only packs)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "comfyui.log"
@@ -60,6 +62,8 @@ class ComfyServer:
         for sub in ("custom_nodes", "models/EasyAnimate", "models/loras", "input", "output", "temp", "user"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         (self.base / "custom_nodes" / PACK_DIR_NAME).symlink_to(self.pack_dir, target_is_directory=True)
+        for name, folder in self.extra_packs.items():
+            (self.base / "custom_nodes" / name).symlink_to(folder, target_is_directory=True)
         return self
 
     @property
@@ -95,10 +99,13 @@ class ComfyServer:
         return self
 
     def check_pack_imported(self) -> None:
-        """Fail on `IMPORT FAILED` for our pack (ComfyUI's own audio nodes fail without torchaudio: not ours)."""
-        lines = [line for line in self.log().splitlines() if PACK_DIR_NAME in line and "seconds" in line]
-        if not lines or any("IMPORT FAILED" in line for line in lines):
-            raise RuntimeError(f"the EasyAnimate pack failed to import:\n{self.log()[-6000:]}")
+        """Fail on `IMPORT FAILED` for our pack or an extra one (ComfyUI's own audio nodes fail without
+        torchaudio: not ours)."""
+        for name in (PACK_DIR_NAME, *self.extra_packs):
+            lines = [line for line in self.log().splitlines() if line.rstrip().endswith(f"custom_nodes/{name}")
+                     and "seconds" in line]
+            if not lines or any("IMPORT FAILED" in line for line in lines):
+                raise RuntimeError(f"the custom node pack {name} failed to import:\n{self.log()[-6000:]}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -56,6 +56,7 @@ def tiny_pipeline(tiny_model_dir):
     return get
 
 
+VHS_STUB_DIR_NAME = "ComfyUI-VideoHelperSuite"
 TINY_MODEL_NAMES = {"t2v": "EasyAnimateV5-tiny-zh", "inpaint": "EasyAnimateV5-tiny-zh-InP",
                     "control": "EasyAnimateV5-tiny-zh-Control"}
 # LoRA files in the server's models/loras/: two that fit the tiny models (one per layout), one for V5.1.
@@ -77,11 +78,14 @@ def write_test_loras(folder: Path, transformer) -> None:
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory, tiny_model_dir, tiny_pipeline):
-    """A real ComfyUI server with this pack installed and the tiny models under models/EasyAnimate/."""
+    """A real ComfyUI server with this pack (and the VHS test stand-in) installed and the tiny models under
+    models/EasyAnimate/."""
     from comfy_media import write_test_inputs
     from comfy_server import ComfyServer
 
-    server = ComfyServer(tmp_path_factory.mktemp("comfyui"), REPO_ROOT).prepare()
+    # tests/vhs_stub: a test stand-in for VideoHelperSuite (not installable here), under VHS's folder name
+    server = ComfyServer(tmp_path_factory.mktemp("comfyui"), REPO_ROOT,
+                         extra_packs={VHS_STUB_DIR_NAME: REPO_ROOT / "tests" / "vhs_stub"}).prepare()
     for kind, name in TINY_MODEL_NAMES.items():
         (server.models_dir / name).symlink_to(tiny_model_dir(kind), target_is_directory=True)
     write_test_inputs(server.input_dir)
