@@ -6,6 +6,7 @@ any weight is read, so a half-downloaded folder fails at once with the missing p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from torch import nn
 
 from .errors import CheckpointError, ModelFolderError
 from .safetensors_io import iter_tensors, read_index
+
+# (name, tensor as read) -> the (name, tensor) pairs to load; see load_weights_into.
+TensorTransform = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
 EXPECTED_TREE = """\
 <model folder>/                      e.g. EasyAnimateV5-12b-zh-InP
@@ -155,10 +159,13 @@ def validate_model_dir(model_dir: str | Path) -> ModelFiles:
 
 
 def load_weights_into(module: nn.Module, paths: tuple[Path, ...], *, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> nn.Module:
+                      device: torch.device | str = "cpu", transform: TensorTransform | None = None) -> nn.Module:
     """Fill a module built on the meta device with the weights in `paths`, one tensor at a time.
 
     Keys must match exactly; a missing or unexpected key raises CheckpointError naming the file.
+    `transform(name, tensor)`, if given, sees each tensor as read (the file's dtype, on `device`)
+    and yields the (name, tensor) pairs to load instead, already in their final dtype: fp8.py uses
+    it to quantise weights as they arrive and to add their scales.
     """
     expected = dict(module.state_dict(keep_vars=True))
     state: dict[str, torch.Tensor] = {}
@@ -173,7 +180,12 @@ def load_weights_into(module: nn.Module, paths: tuple[Path, ...], *, dtype: torc
             if tuple(expected[name].shape) != entry.shape:
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry.shape)}, the model expects "
                                       f"{list(expected[name].shape)} (config.json and weights disagree).")
-        state.update(iter_tensors(index, dtype=dtype, device=device))
+        if transform is None:
+            state.update(iter_tensors(index, dtype=dtype, device=device))
+        else:
+            for name, tensor in iter_tensors(index, device=device):
+                state.update(transform(name, tensor))
+                del tensor
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{paths[0].parent} is missing {len(missing)} tensors, e.g. {missing[:5]}; "
