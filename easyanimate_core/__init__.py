@@ -50,12 +50,21 @@ def auto_dtype(device) -> torch.dtype:
     return torch.float16
 
 
-def load_transformer(files, *, dtype: torch.dtype, device="cpu"):
-    """The V5 transformer of a validated model folder, built on the meta device and filled in place."""
+def load_transformer(files, *, dtype: torch.dtype, device="cpu", fp8: bool = False):
+    """The V5 transformer of a validated model folder, built on the meta device and filled in place.
+
+    `dtype` is the compute dtype. With `fp8`, the Linears of the transformer blocks are stored as
+    float8_e4m3fn with per-channel scales (about half the bytes of bf16, see fp8.py), quantised
+    tensor by tensor while reading; everything else, and every activation, stays in `dtype`.
+    """
     from .models.transformer import EasyAnimateTransformer3D
 
     with torch.device("meta"):
         model = EasyAnimateTransformer3D.from_config_dict(files.transformer_config)
+    if fp8:
+        from .fp8 import load_fp8_weights_into
+
+        return load_fp8_weights_into(model, files.transformer_weights, dtype=dtype, device=device)
     return load_weights_into(model, files.transformer_weights, dtype=dtype, device=device)
 
 
@@ -69,20 +78,34 @@ def load_vae(files, *, dtype: torch.dtype, device="cpu"):
     return load_weights_into(model, files.vae_weights, dtype=vae_dtype, device=device)
 
 
-def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
-    """Validate a model folder (original layout) and load every component onto `device` in `dtype`."""
+def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype=torch.float32,
+                  fp8: bool = False, memory: str = "gpu", swap_blocks: int | None = None,
+                  plan_for: tuple[int, int, int] | None = None) -> Pipeline:
+    """Validate a model folder (original layout) and load every component onto `device` in `dtype`.
+
+    `fp8=True` stores the transformer blocks' Linear weights in float8 (computing in `dtype`).
+    `memory` is a memory mode (memory.py): "gpu" (all resident), "offload", "fp8", "block_swap",
+    "fp8_block_swap" or "auto"; with offload the weights are loaded onto the CPU and each component
+    moves to `device` only for its stage. `swap_blocks` is N for the block-swap modes (None: the
+    fewest that fit). "auto" plans for a `plan_for` = (height, width, frames) video (default
+    384x672x49) in the device's free memory. `pipe.memory_plan.describe()` says what was chosen.
+    """
+    from .memory import apply_plan, plan_for_files
+
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     files = validate_model_dir(model_dir)
+    plan = plan_for_files(files, memory, device, dtype, fp8=fp8, swap_blocks=swap_blocks, plan_for=plan_for)
+    home = torch.device("cpu") if plan.offload else device  # where the weights live between stages
     text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # mT5 overflows in fp16
-    return Pipeline(
-        transformer=load_transformer(files, dtype=dtype, device=device),
-        vae=load_vae(files, dtype=dtype, device=device),
-        text_encoders=TextEncoders.from_model_dir(files.root, dtype=text_dtype, device=device),
+    return apply_plan(Pipeline(
+        transformer=load_transformer(files, dtype=dtype, device=home, fp8=plan.fp8),
+        vae=load_vae(files, dtype=dtype, device=home),
+        text_encoders=TextEncoders.from_model_dir(files.root, dtype=text_dtype, device=home),
         scheduler_config=files.scheduler_config,
         kind=files.kind,
         add_noise_in_inpaint_model=bool(files.transformer_config.get("add_noise_in_inpaint_model", False)),
         device=device,
         dtype=dtype,
         model_dir=files.root,
-    )
+    ), plan)

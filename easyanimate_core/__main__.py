@@ -11,6 +11,7 @@ from . import load_pipeline
 from .buckets import BASE_RESOLUTIONS, bucket_size
 from .errors import EasyAnimateError
 from .loading import validate_model_dir
+from .memory import MEMORY_MODES
 from .media import read_frames, read_image, write_video
 from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
@@ -50,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                      help="default bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--memory", default="auto", choices=MEMORY_MODES,
+                     help="gpu: everything resident; offload: each component on the GPU only while used; fp8: fp8 "
+                          "transformer weights + offload; block_swap / fp8_block_swap: offload + the last N "
+                          "transformer blocks streamed from CPU memory; auto (default): the first of these that "
+                          "fits this video in the free GPU memory (on the CPU: everything resident)")
+    gen.add_argument("--swap-blocks", type=int, default=None, metavar="N",
+                     help="transformer blocks to swap with --memory block_swap/fp8_block_swap (default: the fewest "
+                          "that fit); alone, it means --memory block_swap")
     return parser
 
 
@@ -73,7 +82,10 @@ def _generate(args) -> int:
 
     t0 = time.perf_counter()
     print(f"loading {args.model} on {args.device} ({dtype})…", flush=True)
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    memory = "block_swap" if args.swap_blocks and args.memory == "auto" else args.memory
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, memory=memory, swap_blocks=args.swap_blocks,
+                         plan_for=(height, width, args.frames))
+    print(pipe.memory_plan.describe(), flush=True)
     if args.vae_tile:
         pipe.set_vae_tiling(True, args.vae_tile)
     print(f"loaded a {pipe.kind} model in {time.perf_counter() - t0:.1f}s; generating {height}x{width}", flush=True)

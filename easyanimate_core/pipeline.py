@@ -4,11 +4,16 @@ One `Pipeline` per loaded model. `generate()` runs the whole job; the stages it 
 (`encode_prompt`, `prepare`, `denoise`, `decode`) are public so callers such as ComfyUI nodes can
 run them separately. The model objects are never modified, so an error or an interrupt in any
 stage leaves the pipeline exactly as it was.
+
+Each stage gets its component onto the device through `pipeline.placement` (memory.py): by default
+everything is resident and nothing moves; with offload, a component is on the device only during the
+stage that uses it.
 """
 from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -16,7 +21,9 @@ import torch
 
 from . import conditioning as cond
 from .buckets import floor_to_multiple, latent_frames, round_frames
+from .block_swap import reset_block_swap, suspended
 from .errors import UnsupportedRequestError
+from .memory import ResidentPlacement
 from .samplers import DEFAULT_SAMPLER, check_steps, make_scheduler
 from .text import PromptEmbeds, TextEncoders
 from .vae_io import decode_latents
@@ -63,7 +70,8 @@ class Pipeline:
     """A loaded EasyAnimate V5 model: transformer, VAE, text encoders and scheduler config."""
 
     def __init__(self, *, transformer, vae, text_encoders: TextEncoders, scheduler_config: dict, kind: str,
-                 add_noise_in_inpaint_model: bool, device: torch.device, dtype: torch.dtype, model_dir=None):
+                 add_noise_in_inpaint_model: bool, device: torch.device, dtype: torch.dtype, model_dir=None,
+                 placement=None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoders = text_encoders
@@ -73,6 +81,9 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model_dir = model_dir
+        # Gets each component onto `device` for the stage using it (memory.py); default: resident, no moves.
+        self.placement = placement if placement is not None else ResidentPlacement()
+        self.memory_plan = None  # the MemoryPlan load_pipeline followed, if any
         self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
 
     # ------------------------------------------------------------------ options
@@ -84,17 +95,28 @@ class Pipeline:
             self.vae.disable_tiling()
 
     def set_loras(self, loras):
-        """Compute with exactly these LoRAs, [(path, strength), ...] ([] = none); base weights are never written."""
+        """Compute with exactly these LoRAs, [(path, strength), ...] ([] = none); base weights are never written.
+
+        Works with block swap on: the swapped blocks get their real tensors back while the LoRAs are set,
+        and their LoRA factors are swapped with them afterwards.
+        """
         from .lora import set_loras
 
-        return set_loras(self.transformer, list(loras))
+        with suspended(self.transformer):
+            return set_loras(self.transformer, list(loras))
+
+    def _use(self, role: str):
+        """The placement's context for one stage's component ("text", "transformer" or "vae")."""
+        component = {"text": self.text_encoders, "transformer": self.transformer, "vae": self.vae}[role]
+        return self.placement.use(role, component)
 
     # ------------------------------------------------------------------ text
     def encode_prompt(self, prompt: str) -> PromptEmbeds:
         """Encode one prompt (cached: re-encoding the same text is free)."""
         cached = self._prompt_cache.get(prompt)
         if cached is None:
-            cached = self.text_encoders.encode([prompt]).to("cpu", torch.float32)
+            with self._use("text"):
+                cached = self.text_encoders.encode([prompt]).to("cpu", torch.float32)
             self._prompt_cache[prompt] = cached
             while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
                 self._prompt_cache.popitem(last=False)
@@ -184,38 +206,43 @@ class Pipeline:
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
 
-        inpaint_latents = control_latents = None
-        pixel_video = None
-        if video is not None:
-            pixel_video = cond.frames_to_video(torch.as_tensor(video)[:num_frames], height, width, "video")
-        if self.kind == "inpaint":
-            inpaint_latents = self._inpaint_latents(shape, pixel_video, mask, start_image, end_image, num_frames,
-                                                    height, width, generator, noise_aug_strength, reference_noise)
-        if self.kind == "control":
-            control = cond.frames_to_video(torch.as_tensor(control_video)[:num_frames], height, width,
-                                           "control_video")
-            control_latents = self._encode(control * 2 - 1).mode() * self.vae.scaling_factor
+        # One VAE placement around every encode below (moving it on and off the device once).
+        needs_vae = (self.kind == "control" or (strength < 1.0 and video_latent_dist is None)
+                     or (self.kind == "inpaint" and any(x is not None for x in (video, start_image, end_image))))
+        with self._use("vae") if needs_vae else nullcontext():
+            inpaint_latents = control_latents = None
+            pixel_video = None
+            if video is not None:
+                pixel_video = cond.frames_to_video(torch.as_tensor(video)[:num_frames], height, width, "video")
+            if self.kind == "inpaint":
+                inpaint_latents = self._inpaint_latents(shape, pixel_video, mask, start_image, end_image, num_frames,
+                                                        height, width, generator, noise_aug_strength, reference_noise)
+            if self.kind == "control":
+                control = cond.frames_to_video(torch.as_tensor(control_video)[:num_frames], height, width,
+                                               "control_video")
+                control_latents = self._encode(control * 2 - 1).mode() * self.vae.scaling_factor
 
-        if strength < 1.0:
-            posterior = video_latent_dist if video_latent_dist is not None else self._encode(pixel_video * 2 - 1)
-            if tuple(posterior.mean.shape) != shape:
-                raise UnsupportedRequestError(
-                    f"the encoded input video has latent shape {tuple(posterior.mean.shape)} but this generation "
-                    f"needs {shape} ({num_frames} frames at {width}x{height})")
-            if video_noise is None:
-                video_noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
-            video_latents = posterior.sample(noise=torch.as_tensor(video_noise).to(posterior.mean)) \
-                * self.vae.scaling_factor
-            init = scheduler.add_noise(video_latents.to(self.device, torch.float32), noise.to(self.device),
-                                       timesteps[:1])
-        else:
-            init = noise.to(self.device) * scheduler.init_noise_sigma
-        return Conditioning(height=height, width=width, num_frames=num_frames, timesteps=timesteps,
-                            latents=init.float(), scheduler=scheduler, inpaint_latents=inpaint_latents,
-                            control_latents=control_latents, generator=generator)
+            if strength < 1.0:
+                posterior = video_latent_dist if video_latent_dist is not None else self._encode(pixel_video * 2 - 1)
+                if tuple(posterior.mean.shape) != shape:
+                    raise UnsupportedRequestError(
+                        f"the encoded input video has latent shape {tuple(posterior.mean.shape)} but this generation "
+                        f"needs {shape} ({num_frames} frames at {width}x{height})")
+                if video_noise is None:
+                    video_noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+                video_latents = posterior.sample(noise=torch.as_tensor(video_noise).to(posterior.mean)) \
+                    * self.vae.scaling_factor
+                init = scheduler.add_noise(video_latents.to(self.device, torch.float32), noise.to(self.device),
+                                           timesteps[:1])
+            else:
+                init = noise.to(self.device) * scheduler.init_noise_sigma
+            return Conditioning(height=height, width=width, num_frames=num_frames, timesteps=timesteps,
+                                latents=init.float(), scheduler=scheduler, inpaint_latents=inpaint_latents,
+                                control_latents=control_latents, generator=generator)
 
     def _encode(self, pixels: torch.Tensor):
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype))
+        with self._use("vae"):
+            return self.vae.encode(pixels.to(self.device, self.vae.dtype))
 
     def _inpaint_latents(self, shape, pixel_video, mask, start_image, end_image, num_frames, height, width,
                          generator, noise_aug_strength, reference_noise) -> torch.Tensor:
@@ -257,27 +284,41 @@ class Pipeline:
         step_kwargs = {"generator": conditioning.generator} if _accepts(scheduler.step, "generator") else {}
         if _accepts(scheduler.step, "eta"):
             step_kwargs["eta"] = 0.0
-        latents = conditioning.latents.to(self.device)
-        total = len(conditioning.timesteps)
-        for i, t in enumerate(conditioning.timesteps):
-            model_in = scheduler.scale_model_input(torch.cat([latents] * batch), t)
-            timestep = t.expand(batch).to(self.device, torch.float32)
-            pred = self.transformer(model_in.to(model_dtype), timestep, text.bert, text.t5,
-                                    inpaint_latents=inpaint, control_latents=control).float()
-            if use_cfg:
-                uncond, cond_pred = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond_pred - uncond)
-            out = scheduler.step(pred, t, latents, **step_kwargs, return_dict=True)
-            latents = out.prev_sample
-            if callback is not None:
-                callback(StepInfo(i + 1, total, float(t), latents, getattr(out, "pred_original_sample", None)))
+        # Everything per step is prepared here, once: the loop issues no host<->device synchronisation of
+        # its own (no float(t), no tensors built on the host). The scheduler gets the timestep as a CPU
+        # scalar tensor (same values, so the same results): indexing its CPU tables with a device
+        # tensor would synchronise on every step.
+        host_timesteps = conditioning.timesteps.cpu()
+        step_values = host_timesteps.tolist()
+        model_timesteps = conditioning.timesteps.to(self.device, torch.float32)
+        total = len(step_values)
+        with self._use("transformer"):
+            try:
+                latents = conditioning.latents.to(self.device)
+                for i in range(total):
+                    t = host_timesteps[i]
+                    model_in = scheduler.scale_model_input(torch.cat([latents] * batch), t)
+                    timestep = model_timesteps[i].expand(batch)
+                    pred = self.transformer(model_in.to(model_dtype), timestep, text.bert, text.t5,
+                                            inpaint_latents=inpaint, control_latents=control).float()
+                    if use_cfg:
+                        uncond, cond_pred = pred.chunk(2)
+                        pred = uncond + guidance_scale * (cond_pred - uncond)
+                    out = scheduler.step(pred, t, latents, **step_kwargs, return_dict=True)
+                    latents = out.prev_sample
+                    if callback is not None:
+                        callback(StepInfo(i + 1, total, float(step_values[i]), latents,
+                                          getattr(out, "pred_original_sample", None)))
+            finally:
+                reset_block_swap(self.transformer)  # an interrupt inside a swapped block leaves nothing behind
         return latents
 
     # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [1,16,T,h,w] → frames [F,H,W,3] float32 0..1 on CPU."""
-        return decode_latents(self.vae, latents, self.device)
+        with self._use("vae"):
+            return decode_latents(self.vae, latents, self.device)
 
     # ------------------------------------------------------------------ all in one
     def generate(self, prompt: str, negative_prompt: str = "", height: int = 384, width: int = 672,

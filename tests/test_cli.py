@@ -27,8 +27,22 @@ def test_generate_text_to_video_mp4(tiny_model_dir, tmp_path):
                      "--height", 64, "--width", 112, "--frames", 9, "--steps", 2, "--fps", 8)
     assert result.returncode == 0, result.stderr
     assert "step 2/2" in result.stdout and "wrote" in result.stdout
+    assert "memory: everything resident [gpu, auto]" in result.stdout  # auto on the CPU
     frames, fps = read_mp4(out)
     assert len(frames) == 9 and frames[0].shape == (64, 112, 3) and fps == 8
+
+
+def test_memory_modes_from_the_command_line(tiny_model_dir, tmp_path):
+    args = ["generate", "--model", tiny_model_dir("t2v"), "--prompt", "a cat", "--height", 32, "--width", 32,
+            "--frames", 5, "--steps", 2, "--seed", 3]
+    plain = run_cli(*args, "--out", tmp_path / "plain.png", "--memory", "gpu")
+    swapped = run_cli(*args, "--out", tmp_path / "swapped.png", "--swap-blocks", 1)
+    assert plain.returncode == 0 and swapped.returncode == 0, plain.stderr + swapped.stderr
+    assert "memory: offload + 1 of 2 blocks swapped [block_swap, requested]" in swapped.stdout
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")),
+                          np.asarray(Image.open(tmp_path / "swapped.png")))
+    bad = run_cli(*args, "--out", tmp_path / "x.png", "--memory", "offload", "--swap-blocks", 3)
+    assert bad.returncode == 2 and "swap_blocks needs memory mode block_swap" in bad.stderr
 
 
 def test_generate_image_to_video_sizes_from_the_bucket(tiny_model_dir, tmp_path):
