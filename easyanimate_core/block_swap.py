@@ -128,6 +128,7 @@ class BlockSwap:
         self._packed: dict[int, _Packed] = {}
         self._loads: dict[int, _Load] = {}
         self._slots: list[Tensor | None] = [None] * _SLOTS
+        self._suspend_depth = 0
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._handles: list = []
         try:
@@ -179,7 +180,20 @@ class BlockSwap:
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """Inside the `with` body the swapped blocks hold their real tensors (CPU views of the store);
-        afterwards whatever they hold (new LoRA factors included) is swapped out again."""
+        afterwards whatever they hold (new LoRA factors included) is swapped out again. Re-entrant: an
+        inner suspension inside an outer one changes nothing."""
+        if self._suspend_depth:
+            yield
+            return
+        self._suspend_depth += 1
+        try:
+            with self._suspended_once():
+                yield
+        finally:
+            self._suspend_depth -= 1
+
+    @contextmanager
+    def _suspended_once(self) -> Iterator[None]:
         self.reset()
         resident: dict[int, torch.device | None] = {}
         for index, packed in self._packed.items():

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .block_swap import suspended
 from .errors import CheckpointError, ModelFolderError
 from .safetensors_io import iter_tensors, read_index
 
@@ -83,8 +84,14 @@ def set_loras(transformer: nn.Module, loras: list[tuple[str | os.PathLike, float
 
     Files are read and checked before the model is touched, so a bad file leaves the previous set active.
     Raises CheckpointError for a file that is unreadable, matches no layer, or has wrong shapes, and
-    ModelFolderError (a FileNotFoundError) for a missing file.
+    ModelFolderError (a FileNotFoundError) for a missing file. With block swap on, the swapped blocks
+    hold their real tensors meanwhile, and their new factors are swapped out with them afterwards.
     """
+    with suspended(transformer):
+        return _set_loras(transformer, loras)
+
+
+def _set_loras(transformer: nn.Module, loras: list[tuple[str | os.PathLike, float]]) -> LoraReport:
     linears = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
     report = LoraReport()
     per_layer: dict[str, list[tuple[Tensor, Tensor, float]]] = {}

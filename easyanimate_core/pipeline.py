@@ -21,7 +21,7 @@ import torch
 
 from . import conditioning as cond
 from .buckets import floor_to_multiple, latent_frames, round_frames
-from .block_swap import reset_block_swap, suspended
+from .block_swap import reset_block_swap
 from .errors import UnsupportedRequestError
 from .memory import ResidentPlacement
 from .samplers import DEFAULT_SAMPLER, check_steps, make_scheduler
@@ -102,8 +102,7 @@ class Pipeline:
         """
         from .lora import set_loras
 
-        with suspended(self.transformer):
-            return set_loras(self.transformer, list(loras))
+        return set_loras(self.transformer, list(loras))
 
     def _use(self, role: str):
         """The placement's context for one stage's component ("text", "transformer" or "vae")."""
