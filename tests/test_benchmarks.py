@@ -1,0 +1,22 @@
+"""The GPU benchmark script runs end to end on the CPU with tiny configs (its GPU numbers need a GPU machine)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_script_smoke_run_writes_every_row(tmp_path):
+    out = tmp_path / "gpu.md"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_full_size.py"), "--tiny", "--device", "cpu",
+                           "--runs", "1", "--skip", "vae", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if re.match(r"\| [^-]", line) and not line.startswith("| model")
+            and not line.startswith("| mode") and not line.startswith("| size")]
+    assert len(rows) == 2 + 4, table  # 2 models x 1 size, 4 memory modes
+    for row in rows:
+        seconds = float(row.split("|")[3])
+        assert seconds > 0, row
+    assert "fp8 + block swap (1 of 2 swapped)" in table
