@@ -1,6 +1,7 @@
 """One transformer forward, ours vs diffusers' EasyAnimateTransformer3DModel, on the CPU in float32.
 
-Run: `python benchmarks/transformer_step.py` (about 1-2 minutes on 2 cores).
+Run: `python benchmarks/transformer_step.py [--runs N] [--threads T] [--compile]` (1-2 minutes on 2 cores;
+--compile adds our compile_transformer_blocks copy as a third model, about 15-30 s more to compile).
 
 Model: 8 heads x 64 (hidden 512), 4 layers, all MMDiT, in/out 16 channels, patch 2, temb 512, text dims
 1024 (BERT) / 2048 (T5). Input: a CFG batch of 2, latents [2, 16, 13, 32, 32] (13*16*16 = 3328 video
@@ -20,15 +21,33 @@ One adaptation: diffusers computes its RoPE itself and its `get_3d_rotary_pos_em
 positions with linspace(start, stop*(n-1)/n, n), which differs from V5's linspace(start, stop, n,
 endpoint=False) when the crop does not start at 0. This square latent has crop ((0, 8), (30, 38)), so its
 width positions differ. We therefore replace diffusers' `rope_embedding` submodule by one that returns our
-V5 tables, the same tensors passed to ours (computing them is not part of the timed forward for either).
+V5 tables, the same tensors passed to ours (computing them is not part of the timed forward for either;
+ours derives its complex form of the passed (cos, sin) inside the timed call, a 213K-element op).
 
-Timing: wall-clock seconds (and process CPU seconds, all threads) per forward, median of --runs after one
-warm-up each, the two models alternating, default torch thread count, torch.inference_mode. On a shared
-machine the CPU-seconds ratio is the steadier one.
+Every model's output is first compared with diffusers' (max abs diff must be <= 1e-4, else nothing is
+timed). Timing: wall-clock seconds and process CPU seconds (all threads) per forward, median of --runs
+after one warm-up each, the models alternating within each round, the same torch thread count for all,
+torch.inference_mode. On a shared machine the CPU-seconds ratio is the steadier one; the per-round CPU
+ratios show the spread.
+
+Measured on the 2-core shared development VM (Xeon, AVX-512, torch 2.14.1, 3 other jobs running),
+max |ours - diffusers| = 2.3e-6:
+    2 threads (default), 7 rounds: ours/diffusers wall 0.785, CPU 0.783 (rounds 0.74-0.83);
+                                   compiled/diffusers wall 0.827, CPU 0.826
+    1 thread, 5 rounds:            ours/diffusers 0.857 (rounds 0.84-0.88); compiled/diffusers 0.892
+Where the time goes (torch.profiler, 1 thread, self CPU of one forward): ours 3.5 s = attention kernel
+(_scaled_dot_product_flash_attention_for_cpu) 1.89 s (54 %) + matmuls 1.36 s (39 %: addmm 0.71, oneDNN
+linear+GELU 0.53, mm 0.11) + everything else 0.26 s; diffusers 4.4 s = attention 1.88 s (43 %) +
+matmuls 1.25 s (+0.16 s bias copies) + elementwise 1.2 s (copy 0.32, add 0.25, gelu 0.21, mul 0.17,
+cat 0.14, layer_norm 0.09 ...). Attention and matmuls run near this CPU's fp32 peak (about 150 GFLOP/s
+per core for the matmuls, 115 for the attention kernel, which also does the softmax) and are the same
+kernels for both, so they are a floor of about 0.75-0.77 x diffusers at 1 thread; ours removes about
+80 % of the rest.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -40,7 +59,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from easyanimate_core.models.rope import build_3d_rope  # noqa: E402
-from easyanimate_core.models.transformer import EasyAnimateTransformer3D, TransformerConfig  # noqa: E402
+from easyanimate_core.models.transformer import (  # noqa: E402
+    EasyAnimateTransformer3D,
+    TransformerConfig,
+    compile_transformer_blocks,
+)
+
+MAX_ABS_DIFF = 1e-4  # outputs must agree this well before anything is timed
 
 CONFIG = dict(
     in_channels=16,
@@ -96,8 +121,9 @@ class FixedRope(nn.Module):
         return self.tables
 
 
-def time_interleaved(fns, runs: int) -> list[tuple[float, float]]:
-    """Median (wall, cpu) seconds per call of each fn; runs alternate so background load hits both alike."""
+def time_interleaved(fns, runs: int) -> list[tuple[list[float], list[float]]]:
+    """Per-call (wall, cpu) seconds of each fn over `runs` rounds; within a round the fns run back to back,
+    so a round's ratios compare calls made under about the same background load."""
     for fn in fns:
         fn()  # warm-up
     samples = [([], []) for _ in fns]
@@ -107,7 +133,7 @@ def time_interleaved(fns, runs: int) -> list[tuple[float, float]]:
             fn()
             wall.append(time.perf_counter() - w0)
             cpu.append(time.process_time() - c0)
-    return [(statistics.median(wall), statistics.median(cpu)) for wall, cpu in samples]
+    return samples
 
 
 def main() -> None:
@@ -115,7 +141,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--frames", type=int, default=13)
     parser.add_argument("--size", type=int, default=32, help="latent height = width")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, the same for every model (default: torch's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with compile_transformer_blocks (compiling takes a minute or two)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from diffusers.models import EasyAnimateTransformer3DModel
 
@@ -135,28 +167,47 @@ def main() -> None:
     rope = build_3d_rope(frames, size // 2, size // 2, CONFIG["attention_head_dim"])
     theirs.rope_embedding = FixedRope(rope)
 
-    def run_ours():
-        return ours(latents, timestep, bert, t5, image_rotary_emb=rope)
-
-    def run_theirs():
-        return theirs(
+    models = {
+        "ours": lambda: ours(latents, timestep, bert, t5, image_rotary_emb=rope),
+        "diffusers": lambda: theirs(
             latents, timestep, encoder_hidden_states=bert, encoder_hidden_states_t5=t5, return_dict=False
-        )[0]
+        )[0],
+    }
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        compile_transformer_blocks(compiled)
+        models["ours compiled"] = lambda: compiled(latents, timestep, bert, t5, image_rotary_emb=rope)
 
     with torch.inference_mode():
-        out_ours, out_theirs = run_ours(), run_theirs()
-        max_diff = (out_ours - out_theirs).abs().max().item()
-        ref_scale = out_theirs.abs().max().item()
-        t_ours, t_theirs = time_interleaved([run_ours, run_theirs], args.runs)
+        reference = models["diffusers"]()
+        ref_scale = reference.abs().max().item()
+        diffs = {}
+        for name, fn in models.items():
+            start = time.perf_counter()
+            diffs[name] = (fn() - reference).abs().max().item()
+            if name == "ours compiled":
+                print(f"first compiled call (compiles): {time.perf_counter() - start:.1f} s")
+        tokens = frames * (size // 2) ** 2
+        print(f"latents {list(latents.shape)}: {tokens} video + 333 text tokens, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        for name, diff in diffs.items():
+            if name != "diffusers":
+                print(f"max |{name} - diffusers| = {diff:.3e}  (max |output| {ref_scale:.3f})")
+        if max(diffs.values()) > MAX_ABS_DIFF:
+            sys.exit(f"outputs differ by more than {MAX_ABS_DIFF}: not timing")
+        samples = dict(zip(models, time_interleaved(list(models.values()), args.runs)))
 
-    tokens = frames * (size // 2) ** 2
-    print(f"latents {list(latents.shape)}: {tokens} video + 333 text tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"max |ours - diffusers| = {max_diff:.3e}  (max |output| {ref_scale:.3f})")
-    print(f"{'model':<12}{'wall s/forward':>16}{'cpu s/forward':>16}")
-    print(f"{'ours':<12}{t_ours[0]:>16.3f}{t_ours[1]:>16.3f}")
-    print(f"{'diffusers':<12}{t_theirs[0]:>16.3f}{t_theirs[1]:>16.3f}")
-    print(f"ratio ours/diffusers: wall {t_ours[0] / t_theirs[0]:.3f}, cpu {t_ours[1] / t_theirs[1]:.3f}")
+    print(f"{'model':<16}{'wall s/forward':>16}{'cpu s/forward':>16}   (medians of {args.runs} runs)")
+    for name, (wall, cpu) in samples.items():
+        print(f"{name:<16}{statistics.median(wall):>16.3f}{statistics.median(cpu):>16.3f}")
+    base_wall, base_cpu = samples["diffusers"]
+    for name, (wall, cpu) in samples.items():
+        if name == "diffusers":
+            continue
+        per_round = [c / b for c, b in zip(cpu, base_cpu)]
+        print(f"ratio {name}/diffusers: wall {statistics.median(wall) / statistics.median(base_wall):.3f}, "
+              f"cpu {statistics.median(cpu) / statistics.median(base_cpu):.3f} "
+              f"(cpu per round: {', '.join(f'{r:.2f}' for r in per_round)})")
 
 
 if __name__ == "__main__":

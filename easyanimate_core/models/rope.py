@@ -1,6 +1,8 @@
 """3D rotary position embedding of EasyAnimate V5 (fractional spatial positions over a base grid)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -87,3 +89,50 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     return (x.float() * cos + x_rot.float() * sin).to(x.dtype)
+
+
+# Devices whose complex multiply we rely on; elsewhere (MPS, ...) RoPE uses the real formula.
+COMPLEX_ROPE_DEVICES = ("cpu", "cuda", "meta")
+
+
+class RopeTables(NamedTuple):
+    """One geometry's tables: cos, sin [L, head_dim] float32, and rotation [L, 1, head_dim // 2] complex64
+    (cos + i sin of each channel pair, for the one-pass complex multiply; None off COMPLEX_ROPE_DEVICES)."""
+
+    cos: Tensor
+    sin: Tensor
+    rotation: Tensor | None
+
+
+def rope_tables(cos: Tensor, sin: Tensor) -> RopeTables:
+    """Bundle (cos, sin) tables with their complex form (cos/sin are repeat-interleaved: even channels suffice)."""
+    rotation = None
+    if cos.device.type in COMPLEX_ROPE_DEVICES:
+        rotation = torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())[:, None, :]
+    return RopeTables(cos, sin, rotation)
+
+
+def apply_rope_into(out: Tensor, x: Tensor, rope: RopeTables) -> None:
+    """Write RoPE(x) into `out`, both [..., L, heads, head_dim] (out e.g. a slice of a joint q/k tensor).
+
+    Channel pairs (x0, x1) are complex numbers x0 + i x1 multiplied by cos + i sin: the real and
+    imaginary parts are x0 cos - x1 sin and x1 cos + x0 sin, the same products and sums as
+    `apply_rope` (bit-identical in float32 on the CPU), read and written in one pass. Other dtypes
+    compute in float32 and round once, as `apply_rope` does.
+    """
+    if rope.rotation is None:
+        out.copy_(apply_rope(x, rope.cos, rope.sin))
+        return
+    if not _pairs_viewable(x):
+        x = x.contiguous()
+    if x.dtype == torch.float32 and out.dtype == torch.float32 and _pairs_viewable(out):
+        x_c = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        torch.mul(x_c, rope.rotation, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    else:
+        x_c = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        out.copy_(torch.view_as_real(x_c * rope.rotation).flatten(-2))
+
+
+def _pairs_viewable(t: Tensor) -> bool:
+    """Whether view_as_complex accepts t's channel pairs: contiguous pairs, even strides and offset."""
+    return t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:-1])
