@@ -142,6 +142,9 @@ def _lora_hook(module: nn.Linear, args: tuple, output: Tensor) -> Tensor:
     return flat.addmm_(low.reshape(-1, low.shape[-1]), up.t()).view(output.shape)
 
 
+_lora_hook.inplace_safe = True  # updates the output in place and keeps no reference: later in-place ops are safe
+
+
 def _attach(linear: nn.Linear, factors: list[tuple[Tensor, Tensor, float]], dtype: torch.dtype) -> None:
     device = linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu")
     down = torch.cat([d.float() for d, _, _ in factors])
