@@ -78,6 +78,7 @@ def load_vae(files, *, dtype: torch.dtype, device="cpu"):
     return load_weights_into(model, files.vae_weights, dtype=vae_dtype, device=device)
 
 
+@torch.inference_mode(False)  # plain tensors even when called under inference_mode (ComfyUI runs nodes so)
 def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype=torch.float32,
                   fp8: bool = False, memory: str = "gpu", swap_blocks: int | None = None,
                   plan_for: tuple[int, int, int] | None = None) -> Pipeline:

@@ -385,14 +385,18 @@ def _per_block(value, count) -> list[int] | None:
 
 def plan_for_device(mode: str, device, sizes: ModelSizes | None, *, dtype: torch.dtype = torch.bfloat16,
                     swap_blocks: int | None = None, plan_for: tuple[int, int, int] | None = None,
-                    hidden: int = 3072, patch_size: int = 2, num_blocks: int | None = None) -> MemoryPlan:
-    """plan_memory with the device's free memory (torch.cuda.mem_get_info) and the working memory of a
-    `plan_for` = (height, width, frames) video with guidance (default 384×672×49)."""
+                    hidden: int = 3072, patch_size: int = 2, num_blocks: int | None = None,
+                    free_memory: tuple[int, int] | None = None) -> MemoryPlan:
+    """plan_memory with the device's free memory and the working memory of a `plan_for` = (height, width,
+    frames) video with guidance (default 384×672×49). `free_memory` = (free, total) bytes as a memory
+    manager reports them (ComfyUI's); by default torch.cuda.mem_get_info."""
     device = torch.device(device)
     if mode not in MEMORY_MODES:
         raise UnsupportedRequestError(f"unknown memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
     free = total = None
-    if device.type == "cuda" and torch.cuda.is_available():
+    if free_memory is not None and device.type == "cuda":
+        free, total = free_memory
+    elif device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
     height, width, frames = plan_for or DEFAULT_PLAN_SIZE
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # as load_vae
@@ -469,8 +473,10 @@ class OffloadPlacement(ResidentPlacement):
 
 # ------------------------------------------------------------------------------------------ load_pipeline glue
 def plan_for_files(files, mode: str, device, dtype: torch.dtype, *, fp8: bool = False,
-                   swap_blocks: int | None = None, plan_for: tuple[int, int, int] | None = None) -> MemoryPlan:
-    """The plan load_pipeline follows for a validated model folder (sizes read from headers on CUDA only)."""
+                   swap_blocks: int | None = None, plan_for: tuple[int, int, int] | None = None,
+                   free_memory: tuple[int, int] | None = None) -> MemoryPlan:
+    """The plan load_pipeline follows for a validated model folder (sizes read from headers on CUDA only);
+    `free_memory` as in plan_for_device."""
     from .models.transformer import TransformerConfig
 
     device = torch.device(device)
@@ -479,7 +485,8 @@ def plan_for_files(files, mode: str, device, dtype: torch.dtype, *, fp8: bool = 
     cfg = TransformerConfig.from_dict(files.transformer_config)
     sizes = model_sizes(files, dtype) if device.type == "cuda" else None
     plan = plan_for_device(mode, device, sizes, dtype=dtype, swap_blocks=swap_blocks, plan_for=plan_for,
-                           hidden=cfg.inner_dim, patch_size=cfg.patch_size, num_blocks=cfg.num_layers)
+                           hidden=cfg.inner_dim, patch_size=cfg.patch_size, num_blocks=cfg.num_layers,
+                           free_memory=free_memory)
     return with_fp8(plan) if fp8 else plan
 
 

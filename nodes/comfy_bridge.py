@@ -53,9 +53,10 @@ class ManagedModule:
     compute device; `offload()` hands it back to the offload device, so ComfyUI can always free it.
     """
 
-    def __init__(self, module: nn.Module, role: str):
+    def __init__(self, module: nn.Module, role: str, keep_loaded: bool = False):
         self.module = module
         self.role = role
+        self.keep_loaded = keep_loaded  # memory mode "gpu": stays loaded after use (the manager may still free it)
         self.patcher = comfy.model_patcher.ModelPatcher(
             _HOLDERS[role](module), load_device=compute_device(), offload_device=offload_device(role))
 
@@ -70,11 +71,16 @@ class ManagedModule:
 
     @contextmanager
     def in_use(self):
-        """Loaded for the `with` block, offloaded afterwards (also on errors and Cancel)."""
+        """Loaded for the `with` block, released afterwards (also on errors and Cancel)."""
         self.load()
         try:
             yield self.module
         finally:
+            self.release()
+
+    def release(self) -> None:
+        """After a stage: offload, unless the memory mode keeps components loaded."""
+        if not self.keep_loaded:
             self.offload()
 
     def offload(self) -> None:

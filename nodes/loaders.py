@@ -10,10 +10,16 @@ from torch import nn
 
 import folder_paths
 
+import comfy.model_management as mm
+
 from ..easyanimate_core import auto_dtype, load_pipeline, resolve_dtype
+from ..easyanimate_core.attention import BACKENDS, DEFAULT_BACKEND, get_attention_backend, set_attention_backend
+from ..easyanimate_core.block_swap import enable_block_swap
 from ..easyanimate_core.errors import ModelFolderError, UnsupportedRequestError
-from ..easyanimate_core.loading import EXPECTED_TREE, download_hint
+from ..easyanimate_core.loading import EXPECTED_TREE, download_hint, validate_model_dir
 from ..easyanimate_core.lora import set_loras
+from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files
+from ..easyanimate_core.models.transformer import compile_transformer_blocks
 from .comfy_bridge import ManagedModule, compute_device, log, offload_device
 from .types import EasyAnimateModel, EasyAnimateTextEncoders, EasyAnimateVae, ModelType, TextEncodersType, VaeType
 
@@ -74,10 +80,10 @@ class _LoadedCache:
         self.value = None
 
     @staticmethod
-    def key_for(folder: Path, dtype: torch.dtype, device: torch.device):
+    def key_for(folder: Path, dtype: torch.dtype, device: torch.device, options: tuple = ()):
         stamps = tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size)
                               for p in folder.rglob("*") if p.is_file()))
-        return (str(folder.resolve()), dtype, str(device), stamps)
+        return (str(folder.resolve()), dtype, str(device), options, stamps)
 
     def get(self, key):
         return self.value if key == self.key else None
@@ -92,25 +98,52 @@ class _LoadedCache:
 LOADED = _LoadedCache()
 
 
-def load_components(name: str, precision: str = "auto"):
-    """(model, text encoders, VAE) handles for a model folder, loaded once and kept on the offload device."""
+def plan_memory_for(folder: Path, mode: str, dtype: torch.dtype, swap_blocks: int):
+    """The memory plan for a folder on ComfyUI's compute device, from the free memory the manager reports."""
+    if mode not in MEMORY_MODES:
+        raise UnsupportedRequestError(f"memory_mode must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
+    device = compute_device()
+    free = (mm.get_free_memory(device), mm.get_total_memory(device)) if device.type == "cuda" else None
+    if swap_blocks and mode == "auto":
+        mode = "block_swap"
+    return plan_for_files(validate_model_dir(folder), mode, device, dtype, swap_blocks=swap_blocks or None,
+                          free_memory=free)
+
+
+def load_components(name: str, precision: str = "auto", memory_mode: str = "auto", swap_blocks: int = 0,
+                    attention: str = DEFAULT_BACKEND, compile_blocks: bool = False):
+    """(model, text encoders, VAE, memory plan) for a model folder, loaded once and kept on the offload device."""
     folder = resolve_model_folder(name)
     dtype = choose_dtype(precision, compute_device())
-    key = _LoadedCache.key_for(folder, dtype, compute_device())
+    key = _LoadedCache.key_for(folder, dtype, compute_device(), (memory_mode, swap_blocks, attention, compile_blocks))
     cached = LOADED.get(key)
     if cached is not None:
         return cached
+    get_attention_backend(attention).check(compute_device(), dtype)  # before reading gigabytes of weights
+    plan = plan_memory_for(folder, memory_mode, dtype, swap_blocks)
+    if compile_blocks and plan.swap_blocks:
+        raise UnsupportedRequestError("compile cannot be combined with block swap (its hooks stream weights in "
+                                      "between blocks); turn compile off or pick a mode without block swap")
     LOADED.clear()  # let the previous model go before the next one is read
-    log.info("EasyAnimate: loading %s in %s", folder, str(dtype).replace("torch.", ""))
-    pipe = load_pipeline(folder, device=offload_device("diffusion"), dtype=dtype)
-    vae = EasyAnimateVae(ManagedModule(pipe.vae, "vae"), name)
+    log.info("EasyAnimate: loading %s in %s; %s", folder, str(dtype).replace("torch.", ""), plan.describe())
+    pipe = load_pipeline(folder, device=offload_device("diffusion"), dtype=dtype, fp8=plan.fp8)
+    transformer = pipe.transformer
+    if attention != DEFAULT_BACKEND:
+        set_attention_backend(transformer, attention, device=compute_device())
+    if plan.swap_blocks:  # before the ModelPatcher is made: it sizes (and moves) only the resident part
+        enable_block_swap(transformer, plan.swap_blocks, compute_device())
+    if compile_blocks:
+        compile_transformer_blocks(transformer)
+    keep = not plan.offload
+    vae = EasyAnimateVae(ManagedModule(pipe.vae, "vae", keep_loaded=keep), name)
     encoders = pipe.text_encoders
     text = EasyAnimateTextEncoders(
-        ManagedModule(nn.ModuleDict({"bert": encoders.bert, "t5": encoders.t5}), "text"), encoders, name)
-    model = EasyAnimateModel(ManagedModule(pipe.transformer, "diffusion"), name, pipe.kind, pipe.scheduler_config,
-                             pipe.add_noise_in_inpaint_model, dtype, vae)
-    LOADED.put(key, (model, text, vae))
-    return model, text, vae
+        ManagedModule(nn.ModuleDict({"bert": encoders.bert, "t5": encoders.t5}), "text", keep_loaded=keep),
+        encoders, name)
+    model = EasyAnimateModel(ManagedModule(transformer, "diffusion", keep_loaded=keep), name, pipe.kind,
+                             pipe.scheduler_config, pipe.add_noise_in_inpaint_model, dtype, vae)
+    LOADED.put(key, (model, text, vae, plan))
+    return model, text, vae, plan
 
 
 class ModelLoader(io.ComfyNode):
@@ -131,6 +164,23 @@ class ModelLoader(io.ComfyNode):
                                tooltip="Weights and compute precision. auto: bf16 on GPUs that support it, fp16 on "
                                        "other GPUs, fp32 on the CPU. With fp16 the VAE runs in fp32 and the text "
                                        "encoders in bf16, as the original does."),
+                io.Combo.Input("memory_mode", options=list(MEMORY_MODES), default="auto",
+                               tooltip="Where the weights live. auto: the first of the modes below that fits the "
+                                       "GPU's free memory (printed under the node). gpu: everything stays loaded. "
+                                       "offload: each component on the GPU only while used. fp8: offload + fp8 "
+                                       "transformer weights (half the memory, slight quality change). block_swap / "
+                                       "fp8_block_swap: offload + the last swap_blocks transformer blocks streamed "
+                                       "from CPU memory each step (the least VRAM)."),
+                io.Int.Input("swap_blocks", default=0, min=0, max=64,
+                             tooltip="Transformer blocks streamed from CPU memory in the block-swap modes; 0 = the "
+                                     "fewest that fit the free GPU memory. Each 12B block is about 0.5 GB in bf16."),
+                io.Combo.Input("attention", options=list(BACKENDS), default=DEFAULT_BACKEND,
+                               tooltip="sdpa: PyTorch's attention (default). flash: the flash-attn package. sage: "
+                                       "the sageattention package (faster, approximate). Both need a CUDA GPU and "
+                                       "bf16/fp16; a clear error says what to install when missing."),
+                io.Boolean.Input("compile", default=False,
+                                 tooltip="torch.compile the transformer blocks: the first run at each resolution "
+                                         "compiles (a minute or more), later steps are faster. Not with block swap."),
             ],
             outputs=[
                 ModelType.Output("model", tooltip="The diffusion transformer (with its kind and scheduler)."),
@@ -140,10 +190,11 @@ class ModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name: str, precision: str = "auto") -> io.NodeOutput:
-        model, text, vae = load_components(model_name, precision)
-        return io.NodeOutput(model, text, vae, ui={"text": (f"{model_name}: {model.kind} model, "
-                                                             f"{str(model.dtype).replace('torch.', '')}",)})
+    def execute(cls, model_name: str, precision: str = "auto", memory_mode: str = "auto", swap_blocks: int = 0,
+                attention: str = DEFAULT_BACKEND, compile: bool = False) -> io.NodeOutput:
+        model, text, vae, plan = load_components(model_name, precision, memory_mode, swap_blocks, attention, compile)
+        summary = f"{model_name}: {model.kind} model, {str(model.dtype).replace('torch.', '')}"
+        return io.NodeOutput(model, text, vae, ui={"text": (summary, plan.describe())})
 
 
 def resolve_lora(name: str) -> Path:

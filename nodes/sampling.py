@@ -119,7 +119,8 @@ class Sampler(io.ComfyNode):
             final = pipe.denoise(prepared, positive.embeds, negative.embeds if cfg > 1.0 else None, cfg, progress)
         finally:
             if preview:
-                model.vae.module.offload()
+                model.vae.module.release()
+            model.module.release()  # offload modes: the transformer leaves the GPU after sampling
 
         notes = [f"{KIND_NAMES[model.kind]}: {prepared.num_frames} frames at {prepared.width}x{prepared.height}, "
                  f"{len(prepared.timesteps)} of {steps} steps {sampler_name}, cfg {cfg:g}, seed {seed}"]

@@ -22,11 +22,14 @@ PROMPT, NEGATIVE = "a red fox running through snow", "blurry"
 
 # ---------------------------------------------------------------------------------------------- prompt building
 def graph(kind="t2v", *, model_name=None, steps=2, seed=43, cfg=6.0, sampler="DDIM", denoise=1.0, frames=5,
-          conditioning=None, latent=None, save="video", precision="auto", loras=()):
+          conditioning=None, latent=None, save="video", precision="auto", loras=(), memory_mode="auto",
+          swap_blocks=0, attention="sdpa"):
     """An API-format prompt: loader → text → latent (or conditioning) → sampler → decode → save."""
     prompt = {
         "1": {"class_type": "EasyAnimateModelLoader",
-              "inputs": {"model_name": model_name or TINY_MODEL_NAMES[kind], "precision": precision}},
+              "inputs": {"model_name": model_name or TINY_MODEL_NAMES[kind], "precision": precision,
+                         "memory_mode": memory_mode, "swap_blocks": swap_blocks, "attention": attention,
+                         "compile": False}},
         "2": {"class_type": "EasyAnimateTextEncode",
               "inputs": {"text_encoders": ["1", 1], "prompt": PROMPT, "negative_prompt": NEGATIVE}},
         "3": {"class_type": "EasyAnimateEmptyLatent",
@@ -309,6 +312,34 @@ def test_loaded_model_is_reused_across_runs_with_the_same_settings(comfy):
     entry = run_ok(comfy, graph("t2v", precision="fp32", steps=1, seed=1))
     assert "float32" in node_texts(entry, "1")[0]
     assert comfy.log().count(loading) == loads >= 1
+
+
+def test_memory_modes_on_the_loader_keep_the_result(comfy):
+    """Offload and block swap move weights, not numbers: the same latents bit for bit; fp8 stays close."""
+    def latents(**loader):
+        entry = run_ok(comfy, graph("t2v", seed=3, save="latent", **loader))
+        return saved_latent(comfy, entry), node_texts(entry, "1")
+
+    plain, texts = latents(memory_mode="gpu")
+    assert texts[1].startswith("memory: everything resident [gpu, requested]")
+    offloaded, _ = latents(memory_mode="offload")
+    swapped, texts = latents(memory_mode="block_swap", swap_blocks=1)
+    assert "1 of 2 blocks swapped [block_swap, requested]" in texts[1]
+    assert torch.equal(offloaded, plain) and torch.equal(swapped, plain)
+    fp8, texts = latents(memory_mode="fp8_block_swap", swap_blocks=2)
+    assert texts[1].startswith("memory: fp8 + offload + 2 of 2 blocks swapped")
+    relative = ((fp8 - plain).norm() / plain.norm()).item()
+    assert 0 < relative < 0.08, relative
+    auto, texts = latents()  # on the CPU auto keeps everything resident
+    assert torch.equal(auto, plain) and "everything stays resident" in texts[1]
+
+
+def test_missing_attention_backend_is_named_before_loading(comfy):
+    loading = f"loading {comfy.models_dir / TINY_MODEL_NAMES['t2v']} "
+    loads = comfy.log().count(loading)
+    message = run_error(comfy, graph("t2v", attention="flash", steps=1))["exception_message"]
+    assert "attention backend 'flash'" in message and "'sdpa'" in message
+    assert comfy.log().count(loading) == loads
 
 
 # ---------------------------------------------------------------------------------------------- bad input
