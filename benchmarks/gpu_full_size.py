@@ -120,7 +120,7 @@ def transformer_rows(args, device, lines):
         for size in sizes:
             inputs = step_inputs(model.config, size, device, torch.bfloat16)
             with torch.inference_mode():
-                seconds, peak = timed(lambda: model(**inputs), device, args.runs)
+                seconds, peak = timed(lambda m=model, i=inputs: m(**i), device, args.runs)
             floor = flops_per_step(model.config, size) / (H100_BF16_TFLOPS * 1e12)
             lines.append(f"| {name} | {'x'.join(map(str, size))} | {seconds:.3f} | {floor:.3f} | {gb(peak)} |")
             print(lines[-1], flush=True)
@@ -147,7 +147,7 @@ def memory_mode_rows(args, device, lines):
             torch.cuda.empty_cache()
         inputs = step_inputs(model.config, size, device, torch.bfloat16)
         with torch.inference_mode():
-            seconds, peak = timed(lambda: model(**inputs), device, args.runs)
+            seconds, peak = timed(lambda m=model, i=inputs: m(**i), device, args.runs)
         what = f"{label} ({swap} of {blocks} swapped)" if swap else label
         lines.append(f"| {what} | {gb(weight_bytes(model))} | {seconds:.3f} | {gb(peak)} |")
         print(lines[-1], flush=True)

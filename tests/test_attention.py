@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_model import transformer_config
+from tiny_model import random_transformer
 
 from easyanimate_core import attention
 from easyanimate_core.attention import (
@@ -16,18 +16,11 @@ from easyanimate_core.attention import (
     set_attention_backend,
 )
 from easyanimate_core.errors import UnsupportedRequestError
-from easyanimate_core.models.transformer import EasyAnimateTransformer3D
 
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    model = EasyAnimateTransformer3D.from_config_dict(transformer_config("t2v", num_layers=3, mmdit_layers=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
-    return model.eval()
+    return random_transformer(num_layers=3, mmdit_layers=2)
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tiny_lora import linear_names, make_factors, write_lora
-from tiny_model import transformer_config
+from tiny_model import random_transformer
 from torch import nn
 
 from easyanimate_core import lora
 from easyanimate_core.errors import CheckpointError, ModelFolderError
 from easyanimate_core.lora import remove_loras, set_loras
-from easyanimate_core.models.transformer import EasyAnimateTransformer3D
 
 ATOL = 1e-5
 GEN = dict(num_inference_steps=2, height=64, width=64, num_frames=5, seed=7)
@@ -21,13 +20,7 @@ GEN = dict(num_inference_steps=2, height=64, width=64, num_frames=5, seed=7)
 @pytest.fixture(scope="module")
 def base():
     """A tiny random transformer: 2 MMDiT blocks and 1 shared block, weights scaled so blocks matter."""
-    torch.manual_seed(0)
-    model = EasyAnimateTransformer3D.from_config_dict(transformer_config("t2v", num_layers=3, mmdit_layers=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
-    return model.eval()
+    return random_transformer(num_layers=3, mmdit_layers=2)
 
 
 @pytest.fixture

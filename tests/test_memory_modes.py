@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 from tiny_lora import write_tiny_lora
-from tiny_model import transformer_config
+from tiny_model import random_transformer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
@@ -55,14 +55,7 @@ def rel_err(a, b):
 @pytest.fixture(scope="module")
 def base():
     """4 blocks, 3 MMDiT and 1 shared (so swapped blocks differ in structure), weights scaled so blocks matter."""
-    torch.manual_seed(0)
-    model = EasyAnimateTransformer3D.from_config_dict(transformer_config("t2v", num_layers=4, mmdit_layers=3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.requires_grad_(False)
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
-    return model.eval()
+    return random_transformer(num_layers=4, mmdit_layers=3)
 
 
 @pytest.fixture

@@ -142,3 +142,18 @@ def build_tiny_model(root: str | Path, kind: str = "t2v", *, num_layers: int = 2
     _write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     _write_json(root / "model_index.json", MODEL_INDEX)
     return root
+
+
+def random_transformer(num_layers: int = 3, mmdit_layers: int = 2, seed: int = 0):
+    """A tiny random T2V transformer in eval mode, matrices scaled by 1/sqrt(fan_in) so every block matters."""
+    from easyanimate_core.models.transformer import EasyAnimateTransformer3D
+
+    torch.manual_seed(seed)
+    model = EasyAnimateTransformer3D.from_config_dict(transformer_config("t2v", num_layers=num_layers,
+                                                                         mmdit_layers=mmdit_layers))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
+    return model.eval()
