@@ -11,7 +11,7 @@ from . import load_pipeline
 from .buckets import BASE_RESOLUTIONS, bucket_size
 from .errors import EasyAnimateError
 from .loading import validate_model_dir
-from .memory import MEMORY_MODES
+from .memory import MEMORY_MODES, requested_mode
 from .media import read_frames, read_image, write_video
 from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
@@ -82,8 +82,8 @@ def _generate(args) -> int:
 
     t0 = time.perf_counter()
     print(f"loading {args.model} on {args.device} ({dtype})…", flush=True)
-    memory = "block_swap" if args.swap_blocks and args.memory == "auto" else args.memory
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, memory=memory, swap_blocks=args.swap_blocks,
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype,
+                         memory=requested_mode(args.memory, args.swap_blocks), swap_blocks=args.swap_blocks,
                          plan_for=(height, width, args.frames))
     print(pipe.memory_plan.describe(), flush=True)
     if args.vae_tile:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UnsupportedRequestError
+from .lora import move_lora
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -169,24 +170,10 @@ def quantize_to_fp8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat1
     for name in fp8_target_names(model, include):
         old = model.get_submodule(name)
         new = Fp8Linear.from_linear(old, compute_dtype)
-        _move_lora(old, new)
+        move_lora(old, new)
         _set_submodule(model, name, new)
     _cast_rest(model, compute_dtype)
     return model
-
-
-def _move_lora(old: nn.Linear, new: nn.Linear) -> None:
-    """Carry a LoRA attached by lora.set_loras (buffers + forward hook) over to a replacing layer."""
-    handle = old.__dict__.pop("_lora_handle", None)
-    if handle is None:
-        return
-    from .lora import _lora_hook
-
-    handle.remove()
-    new.register_buffer("lora_down", old.lora_down, persistent=False)
-    new.register_buffer("lora_up", old.lora_up, persistent=False)
-    new._lora_dtype = old._lora_dtype
-    new._lora_handle = new.register_forward_hook(_lora_hook)
 
 
 def fp8_transform(model: nn.Module,

@@ -127,6 +127,18 @@ def remove_loras(transformer: nn.Module) -> None:
             del module.lora_down, module.lora_up, module._lora_dtype
 
 
+def move_lora(old: nn.Linear, new: nn.Linear) -> None:
+    """Carry the LoRA `set_loras` attached to `old` (factors + hook) over to a layer replacing it."""
+    handle = old.__dict__.pop("_lora_handle", None)
+    if handle is None:
+        return
+    handle.remove()
+    new.register_buffer("lora_down", old.lora_down, persistent=False)
+    new.register_buffer("lora_up", old.lora_up, persistent=False)
+    new._lora_dtype = old._lora_dtype
+    new._lora_handle = new.register_forward_hook(_lora_hook)
+
+
 def clear_cache() -> None:
     """Forget the parsed LoRA files kept for quick re-setting."""
     _cache.clear()

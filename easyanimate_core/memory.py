@@ -48,6 +48,18 @@ TEXT_WORKING_BYTES = 256 << 20     # one prompt, 77 + 256 tokens: a few MB of ac
 TEXT_TOKENS = 77 + 256
 
 
+def check_mode(mode: str) -> None:
+    """Refuse a name that is not one of MEMORY_MODES."""
+    if mode not in MEMORY_MODES:
+        raise UnsupportedRequestError(f"unknown memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+
+
+def requested_mode(mode: str, swap_blocks: int | None) -> str:
+    """The mode a front end asks for: a swap count given with "auto" means "block_swap" (the CLI's
+    --swap-blocks and the loader node's swap_blocks); plan_memory itself refuses that pair."""
+    return "block_swap" if swap_blocks and mode == "auto" else mode
+
+
 # ------------------------------------------------------------------------------------------ estimates
 def estimate_working_bytes(height: int, width: int, num_frames: int, *, guidance: bool = True,
                            dtype: torch.dtype = torch.bfloat16, hidden: int = 3072, patch_size: int = 2,
@@ -231,8 +243,7 @@ def plan_memory(mode: str = "auto", *, free_bytes: int | None = None, total_byte
     everything resident it is all components + the largest working memory. A swapped transformer
     keeps its other blocks resident plus two swapped blocks materialised at a time.
     """
-    if mode not in MEMORY_MODES:
-        raise UnsupportedRequestError(f"unknown memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+    check_mode(mode)
     if swap_blocks and mode not in ("block_swap", "fp8_block_swap"):
         raise UnsupportedRequestError(f"swap_blocks needs memory mode block_swap or fp8_block_swap, not {mode}")
     if device_type != "cuda" and mode == "auto":
@@ -389,10 +400,8 @@ def plan_for_device(mode: str, device, sizes: ModelSizes | None, *, dtype: torch
                     free_memory: tuple[int, int] | None = None) -> MemoryPlan:
     """plan_memory with the device's free memory and the working memory of a `plan_for` = (height, width,
     frames) video with guidance (default 384×672×49). `free_memory` = (free, total) bytes as a memory
-    manager reports them (ComfyUI's); by default torch.cuda.mem_get_info."""
+    manager reports them (ComfyUI's); by default torch.cuda.mem_get_info. plan_memory checks `mode`."""
     device = torch.device(device)
-    if mode not in MEMORY_MODES:
-        raise UnsupportedRequestError(f"unknown memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
     free = total = None
     if free_memory is not None and device.type == "cuda":
         free, total = free_memory
@@ -480,8 +489,7 @@ def plan_for_files(files, mode: str, device, dtype: torch.dtype, *, fp8: bool = 
     from .models.transformer import TransformerConfig
 
     device = torch.device(device)
-    if mode not in MEMORY_MODES:
-        raise UnsupportedRequestError(f"unknown memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+    check_mode(mode)
     cfg = TransformerConfig.from_dict(files.transformer_config)
     sizes = model_sizes(files, dtype) if device.type == "cuda" else None
     plan = plan_for_device(mode, device, sizes, dtype=dtype, swap_blocks=swap_blocks, plan_for=plan_for,

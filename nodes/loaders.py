@@ -18,7 +18,7 @@ from ..easyanimate_core.block_swap import enable_block_swap
 from ..easyanimate_core.errors import ModelFolderError, UnsupportedRequestError
 from ..easyanimate_core.loading import EXPECTED_TREE, download_hint, validate_model_dir
 from ..easyanimate_core.lora import set_loras
-from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files
+from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files, requested_mode
 from ..easyanimate_core.models.transformer import compile_transformer_blocks
 from .comfy_bridge import ManagedModule, compute_device, log, offload_device
 from .types import EasyAnimateModel, EasyAnimateTextEncoders, EasyAnimateVae, ModelType, TextEncodersType, VaeType
@@ -100,14 +100,10 @@ LOADED = _LoadedCache()
 
 def plan_memory_for(folder: Path, mode: str, dtype: torch.dtype, swap_blocks: int):
     """The memory plan for a folder on ComfyUI's compute device, from the free memory the manager reports."""
-    if mode not in MEMORY_MODES:
-        raise UnsupportedRequestError(f"memory_mode must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
     device = compute_device()
     free = (mm.get_free_memory(device), mm.get_total_memory(device)) if device.type == "cuda" else None
-    if swap_blocks and mode == "auto":
-        mode = "block_swap"
-    return plan_for_files(validate_model_dir(folder), mode, device, dtype, swap_blocks=swap_blocks or None,
-                          free_memory=free)
+    return plan_for_files(validate_model_dir(folder), requested_mode(mode, swap_blocks), device, dtype,
+                          swap_blocks=swap_blocks or None, free_memory=free)
 
 
 def load_components(name: str, precision: str = "auto", memory_mode: str = "auto", swap_blocks: int = 0,
