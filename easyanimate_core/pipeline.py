@@ -32,6 +32,8 @@ DEFAULT_NEGATIVE_PROMPT = "扭曲的身体，肢体残缺，文本字幕，漫�
 DEFAULT_NOISE_AUG_STRENGTH = 0.0563
 KIND_NAMES = {"t2v": "text-to-video (T2V)", "inpaint": "InP (image/video-conditioned)", "control": "Control"}
 _PROMPT_CACHE_SIZE = 8
+# model_fn(transformer, model_in, timestep, text, inpaint, control) -> prediction; see Pipeline.denoise
+ModelFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -267,8 +269,18 @@ class Pipeline:
     # ------------------------------------------------------------------ denoising
     @torch.inference_mode()
     def denoise(self, conditioning: Conditioning, positive: PromptEmbeds, negative: Optional[PromptEmbeds] = None,
-                guidance_scale: float = 6.0, callback: Optional[Callable[[StepInfo], None]] = None) -> torch.Tensor:
-        """Run the sampler from `conditioning.latents`; returns the final latents (float32, scaled)."""
+                guidance_scale: float = 6.0, callback: Optional[Callable[[StepInfo], None]] = None, *,
+                model_fn: Optional[ModelFn] = None, step_hook: Optional[Callable[[int, int], None]] = None
+                ) -> torch.Tensor:
+        """Run the sampler from `conditioning.latents`; returns the final latents (float32, scaled).
+
+        Two seams for features built on this loop (it is the only denoise loop):
+        - `model_fn(transformer, model_in, timestep, text, inpaint, control) -> prediction` replaces the
+          single transformer call of a step (context windows call it once per window and fuse);
+          default `call_transformer`.
+        - `step_hook(index, total)` is called before each step's model call (0-based index), e.g. so a
+          step cache knows where in the schedule it is.
+        """
         use_cfg = guidance_scale > 1.0 and negative is not None
         text = PromptEmbeds.cat([negative, positive]) if use_cfg else positive
         model_dtype = self.transformer.compute_dtype
@@ -298,8 +310,10 @@ class Pipeline:
                     t = host_timesteps[i]
                     model_in = scheduler.scale_model_input(torch.cat([latents] * batch), t)
                     timestep = model_timesteps[i].expand(batch)
-                    pred = self.transformer(model_in.to(model_dtype), timestep, text.bert, text.t5,
-                                            inpaint_latents=inpaint, control_latents=control).float()
+                    if step_hook is not None:
+                        step_hook(i, total)
+                    pred = (model_fn or call_transformer)(self.transformer, model_in.to(model_dtype), timestep, text,
+                                                          inpaint, control).float()
                     if use_cfg:
                         uncond, cond_pred = pred.chunk(2)
                         pred = uncond + guidance_scale * (cond_pred - uncond)
@@ -336,6 +350,12 @@ class Pipeline:
         negative = self.encode_prompt(negative_prompt or "") if guidance_scale > 1.0 else None
         final = self.denoise(conditioning, positive, negative, guidance_scale, callback)
         return GenerationResult(frames=self.decode(final), latents=final.cpu())
+
+
+def call_transformer(transformer, model_in: torch.Tensor, timestep: torch.Tensor, text: PromptEmbeds,
+                     inpaint: Optional[torch.Tensor], control: Optional[torch.Tensor]) -> torch.Tensor:
+    """One transformer call of a denoising step: the default `model_fn` of `Pipeline.denoise`."""
+    return transformer(model_in, timestep, text.bert, text.t5, inpaint_latents=inpaint, control_latents=control)
 
 
 def _accepts(fn, name: str) -> bool:

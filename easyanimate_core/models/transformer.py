@@ -339,6 +339,17 @@ class EasyAnimateTransformer3D(nn.Module):
         self.proj_out = nn.Linear(dim, p * p * config.out_channels)
         self._rope_cache: dict[tuple, RopeTables] = {}
         self.attention_backend = DEFAULT_BACKEND  # see attention.set_attention_backend
+        # The one seam around the block stack: None runs `run_blocks`; otherwise a callable
+        # runner(transformer, x, ctx, temb, rope) -> x that replaces it for a while (a step cache that
+        # may reuse the last residual, a sequence-parallel split...). It must call
+        # transformer.run_blocks (or the blocks) for whatever it does compute, so hooks/LoRA/swap apply.
+        self.blocks_runner = None
+
+    def run_blocks(self, x: Tensor, ctx: Tensor, temb: Tensor, rope: RopeTables) -> Tensor:
+        """The block stack: video tokens x [B, Lv, D] and text tokens ctx [B, Lt, D] -> video tokens."""
+        for block in self.transformer_blocks:
+            x, ctx = block(x, ctx, temb, rope)
+        return x
 
     @classmethod
     def from_config_dict(cls, config: dict) -> "EasyAnimateTransformer3D":
@@ -397,8 +408,8 @@ class EasyAnimateTransformer3D(nn.Module):
         if encoder_hidden_states_t5 is not None:
             ctx = torch.cat([ctx, self.text_proj_t5(encoder_hidden_states_t5.to(dtype))], dim=1)
 
-        for block in self.transformer_blocks:
-            x, ctx = block(x, ctx, temb, rope)
+        runner = self.blocks_runner
+        x = self.run_blocks(x, ctx, temb, rope) if runner is None else runner(self, x, ctx, temb, rope)
 
         # The reference normalises [text ; video] and drops the text; LayerNorm is per token.
         x = self.proj_out(self.norm_out(self.norm_final(x), temb))
