@@ -243,12 +243,13 @@ def _per_chunk(values, count: int, what: str):
     return values
 
 
-def _overall_progress(callback, chunk: int, chunks: int, steps: int):
+def _overall_progress(callback, chunk: int, chunks: int):
+    """Per-chunk StepInfo → LongStepInfo counting over all chunks (each runs the same schedule)."""
     if callback is None:
         return None
 
     def report(info: StepInfo) -> None:
-        callback(LongStepInfo(chunk * steps + info.step, chunks * steps, info.timestep, info.latents,
+        callback(LongStepInfo(chunk * info.total + info.step, chunks * info.total, info.timestep, info.latents,
                               info.denoised, chunk=chunk, chunks=chunks))
     return report
 
@@ -294,7 +295,7 @@ def _continue(pipe, prompt, negative_prompt, *, height, width, num_frames, chunk
             sampler=sampler, seed=seed, latents=drawn if init_noise is None else init_noise,
             reference_noise=ref_noise, **inputs["prepare"])
         final = pipe.denoise(conditioning, _embeds(pipe, text), negative, guidance_scale,
-                             _overall_progress(callback, chunk.index, len(chunks), num_inference_steps))
+                             _overall_progress(callback, chunk.index, len(chunks)))
         finals.append(final.cpu())
         _stitch(out, chunk, pipe.decode(final))
     return LongVideoResult(frames=out, chunk_latents=finals, mode="continue", chunks=chunks,
@@ -356,7 +357,7 @@ def _windows(pipe, prompt, negative_prompt, *, height, width, num_frames, chunk_
     texts = [_embeds(pipe, p) for p in prompts]
     fused = WindowedModel(windows, fuse, texts if len(set(map(id, texts))) > 1 else None, negative, on_chunk)
     final = pipe.denoise(conditioning, texts[0], negative, guidance_scale,
-                         _overall_progress(callback, 0, 1, len(conditioning.timesteps)), model_fn=fused)
+                         _overall_progress(callback, 0, 1), model_fn=fused)
     return LongVideoResult(frames=pipe.decode(final), chunk_latents=[final.cpu()], mode="windows",
                            windows=windows, transformer_passes=fused.passes, notes=notes)
 
