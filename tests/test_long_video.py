@@ -221,3 +221,19 @@ def test_cancel_leaves_the_model_untouched(tiny_pipeline):
     again = pipe.generate_long("a cat", **kw)
     first = pipe.generate_long("a cat", **kw)
     assert torch.equal(again.frames, first.frames)
+
+
+def test_streamed_decode_is_the_whole_decode(tiny_pipeline):
+    """decode_latents writes one causal chunk at a time into the output: the same frames, bit for bit."""
+    from easyanimate_core.vae_io import decode_latents
+
+    vae = tiny_pipeline("t2v").vae
+    z = torch.randn(1, 16, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = vae.decode(z)
+        pieces = list(vae.decode_pieces(z))
+        frames = decode_latents(vae, z * vae.scaling_factor)
+    assert len(pieces) == 4 and torch.equal(torch.cat(pieces, dim=2), whole)
+    assert not vae.has_cached_state()
+    want = (whole.clamp(-1, 1) * 0.5 + 0.5)[0].permute(1, 2, 3, 0)
+    assert frames.shape == (13, 32, 48, 3) and torch.equal(frames, want)
