@@ -1,9 +1,9 @@
 """Long videos on a small model (CPU): memory against length, cost of continuing, windows, seams.
 
-    python benchmarks/long_video.py [--model DIR] [--height 64 --width 112] [--steps 2] [--lengths 49,145,289]
+    python benchmarks/long_video.py [--model DIR] [--height 32 --width 48] [--steps 2] [--lengths 49,145,289]
     python benchmarks/long_video.py --only time,windows,seams      # skip the memory runs
 
-Defaults: the tiny InP model of ../shared/golden (random weights), 64x112, 2 steps, chunks of 49
+Defaults: the tiny InP model of ../shared/golden (random weights), 32x48, 2 steps, chunks of 49
 frames overlapping by 4. Every figure is a ratio against a reference measured in the same run:
 
 - memory: each length runs in a fresh process (continue, then windows); the peak is the process's
@@ -151,8 +151,8 @@ def windows(args, pipe) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="an InP model folder")
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=112)
+    parser.add_argument("--height", type=int, default=32)
+    parser.add_argument("--width", type=int, default=48)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=49)
     parser.add_argument("--overlap", type=int, default=4)

@@ -61,13 +61,13 @@ def assert_same_frames(saved: torch.Tensor, core_frames: torch.Tensor) -> None:
 def test_continue_equals_core_generate_long_and_says_how_many_chunks(comfy, tiny_pipeline):
     from easyanimate_core.media import read_image
 
-    entry = run_ok(comfy, long_graph(start=True, seed=7))
+    entry = run_ok(comfy, long_graph(start=True, seed=7, frames=14))
     core = tiny_pipeline("inpaint").generate_long(
-        PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=13, chunk_frames=9, overlap_frames=4,
+        PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=14, chunk_frames=9, overlap_frames=4,
         num_inference_steps=2, seed=7, start_image=read_image(comfy.input_dir / "start.png"))
     assert_same_frames(saved_frames(comfy, entry), core.frames)
     note = node_texts(entry, "4")[0]
-    assert "continue: 2 chunks of up to 9 frames, 13 frames at 112x64" in note, note
+    assert "continue: 2 chunks of up to 9 frames, 14 frames at 112x64" in note, note  # 9 + 9 − 4
 
 
 def test_windows_over_a_control_video_equal_core(comfy, tiny_pipeline):

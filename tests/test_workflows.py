@@ -41,8 +41,8 @@ OFFICIAL_LORA = re.compile(r"^EasyAnimateV5-(7b|12b)-zh-InP-(HPS2\.1|MPS)\.safet
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 VHS_UI_ONLY_WIDGETS = {"videopreview", "choose video to upload"}  # preview state and the upload button
 SHRUNK_FRAMES, SHRUNK_STEPS = 5, 2
-# long videos: 13 frames as two chunks of 9 overlapping by 4 (continue), or windows of 5 over the 9-frame clip
-SHRUNK_LONG = {"total_frames": 13, "chunk_frames": 9, "overlap_frames": 4}
+# long videos: 14 frames as two chunks of 9 overlapping by 4 (continue), or windows of 5 over the 9-frame clip
+SHRUNK_LONG = {"total_frames": 14, "chunk_frames": 9, "overlap_frames": 4}
 SHRUNK_WINDOWS = {"chunk_frames": 5, "overlap_frames": 4}
 TITLE_HEIGHT = 30
 
