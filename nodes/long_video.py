@@ -5,8 +5,9 @@ import torch
 from comfy_api.latest import io
 
 from ..easyanimate_core import SAMPLER_NAMES
+from ..easyanimate_core.context_windows import FUSE_METHODS
 from ..easyanimate_core.errors import UnsupportedRequestError
-from ..easyanimate_core.long_video import FUSE_METHODS, MODES, generate_long, plan_chunks
+from ..easyanimate_core.long_video import MODES, generate_long, plan_chunks
 from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.pipeline import KIND_NAMES, Pipeline
 from ..easyanimate_core.samplers import DEFAULT_SAMPLER

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import golden_path
 from easyanimate_core import UnsupportedRequestError, load_pipeline
 from easyanimate_core import long_video
-from easyanimate_core.long_video import Chunk, plan_chunks, plan_windows, window_weights
+from easyanimate_core.context_windows import WindowedModel, plan_windows, window_weights
+from easyanimate_core.long_video import Chunk, plan_chunks
 
 _GOLDEN = {}
 
@@ -145,7 +146,7 @@ def test_windows_fuse_window_predictions(tiny_pipeline):
     text = pipe.encode_prompt("a cat")
     t = torch.tensor([500.0])
     windows = [(0, 3), (2, 5), (4, 7)]
-    fused = long_video.WindowedModel(windows, "linear")(pipe.transformer, x, t, text, None, control)
+    fused = WindowedModel(windows, "linear")(pipe.transformer, x, t, text, None, control)
     parts = [call_transformer(pipe.transformer, x[:, :, a:b], t, text, None, control[:, :, a:b]) for a, b in windows]
     assert torch.allclose(fused[:, :, :2], parts[0][:, :, :2], atol=1e-6)
     assert torch.allclose(fused[:, :, 3], parts[1][:, :, 1], atol=1e-6)
