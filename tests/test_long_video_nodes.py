@@ -33,9 +33,12 @@ def long_graph(kind="inpaint", *, mode="continue", frames=13, chunk=9, overlap=4
         prompt["21"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
         sampler["start_image"] = ["21", 0]
     if control:
-        prompt["22"] = {"class_type": "LoadVideo", "inputs": {"file": "pose.mp4"}}
-        prompt["23"] = {"class_type": "GetVideoComponents", "inputs": {"video": ["22", 0]}}
-        sampler["control_frames"] = ["23", 0]
+        # Through the VideoHelperSuite stand-in (imageio, as read_frames): ComfyUI 0.33's own LoadVideo decodes
+        # h264 to float32 off the uint8 grid, which would compare two video decoders rather than our nodes.
+        prompt["22"] = {"class_type": "VHS_LoadVideo",
+                        "inputs": {"video": "pose.mp4", "force_rate": 0, "custom_width": 0, "custom_height": 0,
+                                   "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1}}
+        sampler["control_frames"] = ["22", 0]
     if chunk_prompts is not None:
         sampler["chunk_prompts"] = chunk_prompts
     if text_encoders:
@@ -119,7 +122,12 @@ def test_one_progress_bar_over_all_chunks_and_cancel_leaves_the_model(comfy, tin
         ws.close()
     entry = comfy.wait(answer["prompt_id"])
     assert "execution_interrupted" in [name for name, _ in entry["status"]["messages"]]
-    assert [v for v, _ in progress][-5:] == [1, 2, 3, 4, 5] and {m for _, m in progress} == {8 * 3}
+    values = [v for v, _ in progress]
+    assert {m for _, m in progress} == {8 * 3}, progress  # one bar over 8 chunks x 3 steps
+    if comfy.version == "0.3.75":
+        assert values == [1, 2, 3, 4, 5]
+    else:  # 0.33's ProgressBar sends the first step and throttles the rest to one per 100 ms
+        assert values[0] == 1 and values == sorted(set(values)), values
     entry = run_ok(comfy, long_graph(steps=1, seed=5))
     core = tiny_pipeline("inpaint").generate_long(
         PROMPT, NEGATIVE, height=TEST_HEIGHT, width=TEST_WIDTH, num_frames=13, chunk_frames=9, overlap_frames=4,
