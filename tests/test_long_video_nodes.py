@@ -125,7 +125,7 @@ def test_one_progress_bar_over_all_chunks_and_cancel_leaves_the_model(comfy, tin
     values = [v for v, _ in progress]
     assert {m for _, m in progress} == {8 * 3}, progress  # one bar over 8 chunks x 3 steps
     if comfy.version == "0.3.75":
-        assert values == [1, 2, 3, 4, 5]
+        assert values[-5:] == [1, 2, 3, 4, 5]
     else:  # 0.33's ProgressBar sends the first step and throttles the rest to one per 100 ms
         assert values[0] == 1 and values == sorted(set(values)), values
     entry = run_ok(comfy, long_graph(steps=1, seed=5))
