@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a video file")
     gen.add_argument("--model", required=True, help="model folder, e.g. models/EasyAnimate/EasyAnimateV5-12b-zh-InP")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="the prompt; with --long, give it several times for one prompt per chunk (or window), "
+                          "the last repeating")
     gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
     gen.add_argument("--out", required=True, help="output .mp4 (or .png for a single frame)")
     gen.add_argument("--height", type=int, default=None, help="default 384, or the input's bucket")
@@ -45,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=None, help="video-to-video strength (default 0.7 with --video "
                                                                        "and no --mask, else 1.0)")
     gen.add_argument("--control-video", help="processed control video (pose, canny, depth…; Control models)")
+    gen.add_argument("--long", choices=["continue", "windows"], default=None,
+                     help="a video longer than one clip (--frames): continue = the original's chunk-by-chunk "
+                          "continuation (InP models); windows = sliding context windows (any model, e.g. Control)")
+    gen.add_argument("--chunk-frames", type=int, default=49, help="with --long: frames per chunk/window (4k+1)")
+    gen.add_argument("--overlap", type=int, default=4,
+                     help="with --long: frames handed over between chunks / shared by windows")
+    gen.add_argument("--fuse", choices=["linear", "pyramid"], default="linear",
+                     help="with --long windows: how overlapping window predictions are mixed")
     gen.add_argument("--fps", type=float, default=8.0)
     gen.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
                      help="decode/encode in spatial tiles of this many pixels (e.g. 384) to bound VAE memory; 0 = off")
@@ -84,7 +94,7 @@ def _generate(args) -> int:
     print(f"loading {args.model} on {args.device} ({dtype})…", flush=True)
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype,
                          memory=requested_mode(args.memory, args.swap_blocks), swap_blocks=args.swap_blocks,
-                         plan_for=(height, width, args.frames))
+                         plan_for=(height, width, args.chunk_frames if args.long else args.frames))
     print(pipe.memory_plan.describe(), flush=True)
     if args.vae_tile:
         pipe.set_vae_tiling(True, args.vae_tile)
@@ -95,7 +105,11 @@ def _generate(args) -> int:
         elapsed = time.perf_counter() - t1
         print(f"step {info.step}/{info.total} (t={info.timestep:.0f}) {elapsed:.1f}s", flush=True)
 
-    result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
+    if args.long:
+        return _generate_long(args, pipe, height, width, start, end, control, t0)
+    if len(args.prompt) > 1:
+        raise EasyAnimateError("several --prompt values are for long videos (one per chunk): add --long")
+    result = pipe.generate(args.prompt[0], negative_prompt=args.negative_prompt, height=height, width=width,
                            num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg,
                            sampler=args.sampler, seed=args.seed, start_image=start, end_image=end, video=video,
                            mask=mask, strength=strength, control_video=control, callback=progress)
@@ -103,6 +117,31 @@ def _generate(args) -> int:
     frames = result.frames
     print(f"wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {args.fps:g} fps "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    return 0
+
+
+def _generate_long(args, pipe, height, width, start, end, control, t0) -> int:
+    from .long_video import generate_long
+
+    if args.video or args.mask:
+        raise EasyAnimateError("--long takes --start-image, --end-image or --control-video, not --video/--mask")
+    t1 = time.perf_counter()
+
+    def progress(info):
+        print(f"chunk {info.chunk + 1}/{info.chunks} step {info.step}/{info.total} (t={info.timestep:.0f}) "
+              f"{time.perf_counter() - t1:.1f}s", flush=True)
+
+    result = generate_long(pipe, args.prompt, args.negative_prompt, height=height, width=width,
+                           num_frames=args.frames, chunk_frames=args.chunk_frames, overlap_frames=args.overlap,
+                           mode=args.long, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                           sampler=args.sampler, seed=args.seed, start_image=start, end_image=end,
+                           control_video=control, callback=progress, fuse=args.fuse)
+    for note in result.notes:
+        print(f"note: {note}", flush=True)
+    path = write_video(args.out, result.frames, fps=args.fps)
+    frames = result.frames
+    print(f"{result.describe()}; wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at "
+          f"{args.fps:g} fps in {time.perf_counter() - t0:.1f}s", flush=True)
     return 0
 
 

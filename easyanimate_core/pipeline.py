@@ -351,6 +351,24 @@ class Pipeline:
         final = self.denoise(conditioning, positive, negative, guidance_scale, callback)
         return GenerationResult(frames=self.decode(final), latents=final.cpu())
 
+    def generate_long(self, prompt, negative_prompt="", *, height, width, num_frames, chunk_frames=49,
+                      overlap_frames=4, mode="continue", num_inference_steps=50, guidance_scale=6.0, sampler="DDIM",
+                      seed=43, start_image=None, end_image=None, control_video=None, chunk_latents=None,
+                      chunk_reference_noise=None, callback=None):
+        """A video longer than one clip, chunk by chunk ("continue", InP) or with context windows ("windows").
+
+        `prompt` may be a list (one per chunk/window; the last repeats). Returns a `LongVideoResult`
+        (`.frames` [F,H,W,3], `.chunk_latents`); see long_video.py for the algorithm and the noise order.
+        """
+        from .long_video import generate_long
+
+        return generate_long(self, prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                             chunk_frames=chunk_frames, overlap_frames=overlap_frames, mode=mode,
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             sampler=sampler, seed=seed, start_image=start_image, end_image=end_image,
+                             control_video=control_video, chunk_latents=chunk_latents,
+                             chunk_reference_noise=chunk_reference_noise, callback=callback)
+
 
 def call_transformer(transformer, model_in: torch.Tensor, timestep: torch.Tensor, text: PromptEmbeds,
                      inpaint: Optional[torch.Tensor], control: Optional[torch.Tensor]) -> torch.Tensor:

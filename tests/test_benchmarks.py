@@ -20,3 +20,18 @@ def test_gpu_benchmark_script_smoke_run_writes_every_row(tmp_path):
         seconds = float(row.split("|")[3])
         assert seconds > 0, row
     assert "fp8 + block swap (1 of 2 swapped)" in table
+
+
+def test_long_video_benchmark_smoke_run_prints_every_section():
+    from conftest import golden_path
+
+    model = golden_path("models", "EasyAnimateV5-tiny-zh-InP")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "long_video.py"), "--model", str(model),
+                           "--height", "16", "--width", "16", "--chunk", "5", "--overlap", "1", "--steps", "1",
+                           "--lengths", "5,9", "--long-frames", "13"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.count("| continue |") == 2 and out.count("| windows |") == 2, out
+    assert "s/frame ratio continue / independent:" in out and "at seams" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 4 |")]
+    assert rows and all(line.split("|")[3].strip() == line.split("|")[2].split()[0] for line in rows), out

@@ -86,3 +86,25 @@ def test_refused_request_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_check_names_the_kind(tiny_model_dir):
     result = run_cli("check", "--model", tiny_model_dir("control"))
     assert result.returncode == 0 and "control model" in result.stdout
+
+
+def test_long_video_continue_with_a_prompt_per_chunk(tiny_model_dir, tmp_path):
+    out = tmp_path / "long.mp4"
+    result = run_cli("generate", "--model", tiny_model_dir("inpaint"), "--prompt", "a cat", "--prompt", "a dog",
+                     "--out", out, "--height", 32, "--width", 48, "--frames", 21, "--long", "continue",
+                     "--chunk-frames", 9, "--overlap", 4, "--steps", 1)
+    assert result.returncode == 0, result.stderr
+    assert "chunk 4/4 step 4/4" in result.stdout
+    assert "note: 21 frames requested, 20 made" in result.stdout
+    assert "continue: 4 chunks of up to 9 frames, 20 frames" in result.stdout
+    frames, _ = read_mp4(out)
+    assert len(frames) == 20 and frames[0].shape == (32, 48, 3)
+
+
+def test_long_video_errors_from_the_command_line(tiny_model_dir, tmp_path):
+    args = ["generate", "--out", tmp_path / "x.mp4", "--height", 32, "--width", 48, "--frames", 21, "--steps", 1]
+    bad = run_cli(*args, "--model", tiny_model_dir("t2v"), "--prompt", "a cat", "--long", "continue",
+                  "--chunk-frames", 9)
+    assert bad.returncode == 2 and "Load an InP model" in bad.stderr and "'windows'" in bad.stderr
+    bad = run_cli(*args, "--model", tiny_model_dir("t2v"), "--prompt", "a", "--prompt", "b")
+    assert bad.returncode == 2 and "add --long" in bad.stderr

@@ -32,12 +32,18 @@ REQUIRED = {
     "control (Canny)": ("easyanimate_v5_control_canny.json", {"control"}),
     "control (pose video)": ("easyanimate_v5_control_pose.json", {"control"}),
     "text to video + LoRA": ("easyanimate_v5_text_to_video_lora.json", {"inpaint", "t2v"}),
+    "long video (continuation)": ("easyanimate_v5_long_video.json", {"inpaint"}),
+    "long video from an image": ("easyanimate_v5_long_video_from_image.json", {"inpaint"}),
+    "long control video (windows)": ("easyanimate_v5_long_control.json", {"control"}),
 }
 OFFICIAL_MODEL = re.compile(r"^EasyAnimateV5(\.1)?-(7b|12b)-zh(-InP|-Control)?$")
 OFFICIAL_LORA = re.compile(r"^EasyAnimateV5-(7b|12b)-zh-InP-(HPS2\.1|MPS)\.safetensors$")
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 VHS_UI_ONLY_WIDGETS = {"videopreview", "choose video to upload"}  # preview state and the upload button
 SHRUNK_FRAMES, SHRUNK_STEPS = 5, 2
+# long videos: 14 frames as two chunks of 9 overlapping by 4 (continue), or windows of 5 over the 9-frame clip
+SHRUNK_LONG = {"total_frames": 14, "chunk_frames": 9, "overlap_frames": 4}
+SHRUNK_WINDOWS = {"chunk_frames": 5, "overlap_frames": 4}
 TITLE_HEIGHT = 30
 
 
@@ -310,7 +316,10 @@ def test_easyanimate_widget_values_convert_to_values_our_nodes_accept(path, obje
     by_type = {}
     for node in ours.values():
         by_type.setdefault(node["class_type"], []).append(node["inputs"])
-    for sampler in by_type["EasyAnimateSampler"]:
+    for long in by_type.get("EasyAnimateLongVideoSampler", []):
+        got = (long["seed"], long["steps"], long["cfg"], long["sampler_name"], long["chunk_frames"])
+        assert got == (43, 50, 6.0, "DDIM", 49), f"{path.name}: long sampler {got}, not 43/50/6/DDIM/chunk 49"
+    for sampler in by_type.get("EasyAnimateSampler", []):
         got = (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"])
         assert got == (43, 50, 6.0, "DDIM"), f"{path.name}: sampler (seed, steps, cfg, sampler) {got}, not 43/50/6/DDIM"
         source = api[sampler["latent_image"][0]]["class_type"]
@@ -392,6 +401,14 @@ def shrink_for_tiny_models(api: dict) -> int:
             expected = round_frames(INPUT_VIDEO_FRAMES)
         elif kind == "EasyAnimateSampler":
             inputs["steps"] = SHRUNK_STEPS
+        elif kind == "EasyAnimateLongVideoSampler":
+            inputs.update(steps=SHRUNK_STEPS, size="explicit", width=TEST_WIDTH, height=TEST_HEIGHT)
+            if inputs["mode"] == "windows":  # over the 10-frame clip: its first 9 frames, two windows
+                inputs.update(SHRUNK_WINDOWS)
+                expected = round_frames(INPUT_VIDEO_FRAMES)
+            else:
+                inputs.update(SHRUNK_LONG)
+                expected = SHRUNK_LONG["total_frames"]
         elif kind == "EasyAnimateLoraLoader":
             inputs["lora_name"] = TINY_LORAS["kohya"]
         elif kind == "LoadImage":

@@ -505,6 +505,22 @@ class MagvitVAE(nn.Module):
         finally:
             self._reset_caches()
 
+    def decode_pieces(self, latents: torch.Tensor) -> Iterable[torch.Tensor]:
+        """``decode`` piece by piece: raw ``[B,3,f,8h,8w]`` frames in order, one causal chunk at a time.
+
+        Together they are exactly ``decode(latents)``, but the caller never has to hold all frames in
+        the VAE's layout at once (a long video's decode then needs memory for one chunk, not the video).
+        With spatial tiling in effect the tiled decode comes as a single piece.
+        """
+        tile = self._latent_tile_geometry()[0]
+        if self.use_tiling and max(latents.shape[-2:]) > tile:
+            yield self.decode(latents)
+            return
+        try:
+            yield from self._decode_pieces(latents.to(self.dtype))
+        finally:
+            self._reset_caches()
+
     # ---------------------------------------------------------------- internals
 
     def _latent_tile_geometry(self) -> tuple:
@@ -527,11 +543,16 @@ class MagvitVAE(nn.Module):
         return self.quant_conv(h)
 
     def _decode_chunks(self, z: torch.Tensor) -> torch.Tensor:
-        self._reset_caches()
-        z = self.post_quant_conv(z)
-        out = torch.cat([self.decoder(z[:, :, s]) for s in self._chunks(z.shape[2], self.mini_batch_decoder)], dim=2)
+        out = torch.cat(list(self._decode_pieces(z)), dim=2)
         self._reset_caches()
         return out
+
+    def _decode_pieces(self, z: torch.Tensor) -> Iterable[torch.Tensor]:
+        """Latent 0 alone, then `mini_batch_decoder` latents at a time, the causal caches carried between."""
+        self._reset_caches()
+        z = self.post_quant_conv(z)
+        for s in self._chunks(z.shape[2], self.mini_batch_decoder):
+            yield self.decoder(z[:, :, s])
 
     def _reset_caches(self) -> None:
         for module in self.modules():
