@@ -45,7 +45,8 @@ def _pickle_only(folder):
 # Damaged copies of the tiny T2V folder: name → how it is damaged.
 DAMAGED = {
     "broken-lfs-spiece": lambda f: (f / "tokenizer_2" / "spiece.model").write_bytes(LFS_POINTER),
-    "broken-lfs-weights": lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(LFS_POINTER),
+    "broken-lfs-weights":
+        lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(LFS_POINTER),
     "broken-html-config": lambda f: (f / "scheduler" / "scheduler_config.json").write_bytes(HTML_PAGE),
     "broken-empty-te": lambda f: (f / "text_encoder" / "model.safetensors").write_bytes(b""),
     "broken-empty-vocab": lambda f: (f / "tokenizer" / "vocab.txt").write_bytes(b""),
