@@ -46,8 +46,10 @@ def _from_pretrained(cls, folder: Path, **kwargs):
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
 
 
-# Tensors the checkpoint may lack without changing the prompt embeddings (the pooler is never used).
+# Tensors that do not change the prompt embeddings, so a checkpoint may lack them (the BERT pooler is never
+# used) or carry them (heads and a decoder saved with the encoder).
 _OPTIONAL_MISSING = {"bert": ("pooler.",), "t5": ()}
+_OPTIONAL_UNEXPECTED = {"bert": ("cls.", "pooler."), "t5": ("decoder.", "lm_head.")}
 _FAMILIES = {"bert": ("bert",), "t5": ("t5", "mt5", "umt5")}
 _LABELS = {"bert": "the BERT text encoder (text_encoder/)", "t5": "the mT5 text encoder (text_encoder_2/)"}
 
@@ -79,7 +81,7 @@ def load_text_encoder(cls, folder: Path, family: str, **kwargs):
                 f"{_LABELS[family]}: text_encoder/ and text_encoder_2/ look mixed up. Download both folders again.")
     model, info = _from_pretrained(cls, folder, output_loading_info=True, use_safetensors=True, **kwargs)
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith(_OPTIONAL_MISSING[family])]
-    unexpected = sorted(info.get("unexpected_keys", ()))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_OPTIONAL_UNEXPECTED[family]))
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or unexpected or mismatched:
         parts = [f"{len(v)} {what} tensors, e.g. {sorted(map(str, v))[:3]}" for what, v in

@@ -289,3 +289,13 @@ def test_small_image_in_bucket_mode_says_the_size_used(comfy):
     entry = run_ok(comfy, graph("inpaint", conditioning=nodes, steps=1, save="latent"))
     height, width = bucket_size(16, 24, 512)
     said(comfy, entry, "20", "Image to Video", f"size {width}x{height} (bucket 512, nearest to the input's 24x16)")
+
+
+def test_mask_of_another_size_is_stretched_and_says_so(comfy):
+    nodes = load_video_frames("21", "clip.mp4")
+    nodes["24"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 48, "height": 40}}
+    nodes["20"] = {"class_type": "EasyAnimateVideoInpaint",
+                   "inputs": {"vae": ["1", 2], "video": ["21", 0], "mask": ["24", 0], "size": "explicit",
+                              "width": TEST_WIDTH, "height": TEST_HEIGHT}}
+    entry = run_ok(comfy, graph("inpaint", conditioning=nodes, denoise=0.7, steps=2, save="latent"))
+    said(comfy, entry, "20", "Video Inpaint", "mask is 48x40, the video 112x64: the mask is stretched to the output size")
