@@ -11,7 +11,7 @@ from ..easyanimate_core.errors import UnsupportedRequestError
 from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.models.vae import DiagonalGaussian
 from ..easyanimate_core.pipeline import KIND_NAMES, Pipeline
-from ..easyanimate_core.samplers import DEFAULT_SAMPLER
+from ..easyanimate_core.samplers import DEFAULT_SAMPLER, MIN_STEPS
 from .comfy_bridge import SamplingProgress, check_interrupted, compute_device, previews_enabled
 from .conditioning import CATEGORY, LATENT_CHANNELS, check_choice, ui_text
 from .inputs import report
@@ -20,22 +20,28 @@ from .types import ModelType, TextConditioningType, VideoConditioningType
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-def latent_geometry(latent: dict) -> tuple[int, int, int]:
-    """(height, width, frames) in pixels of an EasyAnimate video latent."""
+def latent_geometry(latent: dict, name: str = "latent_image") -> tuple[int, int, int]:
+    """(height, width, frames) in pixels of an EasyAnimate video latent given to the input `name`."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if samples is None or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS:
         shape = None if samples is None else list(samples.shape)
         raise UnsupportedRequestError(
-            f"the latent must be an EasyAnimate video latent [1,16,frames,height/8,width/8]; got {shape}. Use "
+            f"{name} must be an EasyAnimate video latent [1,16,frames,height/8,width/8]; got {shape}. Use "
             "EasyAnimate Empty Video Latent, Image to Video, Video Inpaint, Control Video or VAE Encode.")
     if samples.shape[0] != 1:
-        raise UnsupportedRequestError(f"the latent holds a batch of {samples.shape[0]} videos; sample one at a time")
+        raise UnsupportedRequestError(f"{name} holds a batch of {samples.shape[0]} videos; give one at a time")
     _, _, t, h, w = samples.shape
     return h * 8, w * 8, (t - 1) * 4 + 1
 
 
-def check_denoise_steps(denoise: float, steps: int) -> None:
-    """denoise × steps must leave at least one step (the core says 'strength'; this node's input is denoise)."""
+def check_steps_input(sampler_name: str, steps: int, denoise: float) -> None:
+    """steps must suit sampler_name, and denoise × steps leave at least one step (said with this node's input
+    names; the core says 'strength' and 'step count')."""
+    minimum = MIN_STEPS.get(sampler_name, 1)
+    if steps < minimum:
+        others = ", ".join(name for name in SAMPLER_NAMES if name not in MIN_STEPS)
+        raise UnsupportedRequestError(f"sampler_name {sampler_name} needs steps of at least {minimum} (got {steps}): "
+                                      f"raise steps, or pick another sampler_name ({others})")
     if denoise < 1.0 and int(steps * denoise) < 1:
         raise UnsupportedRequestError(
             f"denoise {denoise:g} × steps {steps} leaves no step to run (only the last denoise × steps steps run): "
@@ -116,7 +122,7 @@ class Sampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float,
                 sampler_name: str, denoise: float, video_conditioning=None) -> io.NodeOutput:
         check_choice("sampler_name", sampler_name, SAMPLER_NAMES)
-        check_denoise_steps(denoise, steps)
+        check_steps_input(sampler_name, steps, denoise)
         height, width, frames = latent_geometry(latent_image)
         cond = video_conditioning
         warnings = []

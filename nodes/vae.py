@@ -37,7 +37,7 @@ class VAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tiling: bool = False, tile_size: int = 384) -> io.NodeOutput:
-        latent_geometry(samples)
+        latent_geometry(samples, "samples")
         check_interrupted()
         module = vae.vae
         saved = (module.use_tiling, module.tile_sample_min_size, module.tile_overlap_factor)

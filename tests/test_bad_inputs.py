@@ -124,6 +124,19 @@ def inpaint_with_mask_batch(count: int) -> dict:
     return graph("inpaint", conditioning=nodes, denoise=0.7, steps=3)
 
 
+def sd_latent() -> dict:
+    """An image model's latent (4 channels, no frames), as ComfyUI's Empty Latent Image makes it."""
+    return {"30": {"class_type": "EmptyLatentImage", "inputs": {"width": TEST_WIDTH, "height": TEST_HEIGHT,
+                                                                 "batch_size": 1}}}
+
+
+def sd_latent_decoded() -> dict:
+    prompt = graph("t2v", latent=sd_latent())
+    prompt["5"]["inputs"]["samples"] = ["30", 0]
+    del prompt["4"]
+    return prompt
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 @dataclass
 class Refusal:
@@ -187,6 +200,14 @@ REFUSALS = {
     "1x1-start-image": Refusal(tiny_start_image, "EasyAnimateImageToVideo", ("start_image is only 1x1 pixels",)),
     "too-few-masks": Refusal(lambda: inpaint_with_mask_batch(3), "EasyAnimateVideoInpaint",
                              ("mask holds 3 masks but 9 frames of the video are used", "one per frame")),
+    "pndm-with-too-few-steps": Refusal(lambda: graph("t2v", sampler="PNDM", steps=2), "EasyAnimateSampler",
+                                       ("sampler_name PNDM needs steps of at least 4 (got 2)", "raise steps"),
+                                       absent=("step count",)),
+    "image-latent-into-the-sampler": Refusal(lambda: graph("t2v", latent=sd_latent()), "EasyAnimateSampler",
+                                             ("latent_image must be an EasyAnimate video latent",
+                                              "EasyAnimate Empty Video Latent")),
+    "image-latent-into-vae-decode": Refusal(sd_latent_decoded, "EasyAnimateVAEDecode",
+                                            ("samples must be an EasyAnimate video latent",)),
     "sampler-not-in-the-list": Refusal(lambda: graph("t2v", sampler="LCM"), "EasyAnimateSampler",
                                        ("sampler_name must be one of DDIM, Euler, Euler A, DPM++, PNDM; got 'LCM'",),
                                        combo_input="sampler_name"),
