@@ -152,6 +152,17 @@ def _load_t5_tokenizer(folder: Path):
                               "tokenizer. Download it again.") from exc
 
 
+def load_tokenizers(root: Path):
+    """(BERT tokenizer, mT5 tokenizer) of a model folder, each checked to work (see check_tokenizer)."""
+    root = Path(root)
+    bert_tok = _from_pretrained(BertTokenizer, root / "tokenizer")
+    check_bert_vocab(root / "tokenizer" / "vocab.txt", bert_tok.unk_token or "[UNK]")
+    check_tokenizer(bert_tok, root / "tokenizer" / "vocab.txt")
+    t5_tok = _load_t5_tokenizer(root / "tokenizer_2")
+    check_tokenizer(t5_tok, root / "tokenizer_2" / "spiece.model")
+    return bert_tok, t5_tok
+
+
 class TextEncoders:
     """The two V5 text encoders with their tokenizers."""
 
@@ -165,12 +176,7 @@ class TextEncoders:
 
         Tokenizers are checked first (cheap), then each encoder is loaded strictly (see load_text_encoder).
         """
-        root = Path(root)
-        bert_tok = _from_pretrained(BertTokenizer, root / "tokenizer")
-        check_bert_vocab(root / "tokenizer" / "vocab.txt", bert_tok.unk_token or "[UNK]")
-        check_tokenizer(bert_tok, root / "tokenizer" / "vocab.txt")
-        t5_tok = _load_t5_tokenizer(root / "tokenizer_2")
-        check_tokenizer(t5_tok, root / "tokenizer_2" / "spiece.model")
+        bert_tok, t5_tok = load_tokenizers(root)
         kw = _dtype_kwarg(dtype)
         bert = load_text_encoder(BertModel, root / "text_encoder", "bert", **kw)
         t5 = load_text_encoder(T5EncoderModel, root / "text_encoder_2", "t5", **kw)

@@ -319,4 +319,5 @@ def test_mask_of_another_size_is_stretched_and_says_so(comfy):
                    "inputs": {"vae": ["1", 2], "video": ["21", 0], "mask": ["24", 0], "size": "explicit",
                               "width": TEST_WIDTH, "height": TEST_HEIGHT}}
     entry = run_ok(comfy, graph("inpaint", conditioning=nodes, denoise=0.7, steps=2, save="latent"))
-    said(comfy, entry, "20", "Video Inpaint", "mask is 48x40, the video 112x64: the mask is stretched to the output size")
+    said(comfy, entry, "20", "Video Inpaint",
+         "mask is 48x40, the video 112x64: the mask is stretched to the output size")

@@ -177,3 +177,16 @@ def test_download_hint_names_the_model_asked_for(tmp_path, asked, official):
         assert f"alibaba-pai/{official} --local-dir" in hint
     else:
         assert "alibaba-pai/<model>" in hint and "EasyAnimateV5-12b-zh-InP --local-dir" not in hint
+
+
+def test_cli_check_finds_damaged_tokenizers_and_pointers(model_copy):
+    from test_cli import run_cli
+
+    vocab = model_copy / "tokenizer" / "vocab.txt"
+    vocab.write_text("\n".join(line for line in vocab.read_text(encoding="utf-8").splitlines() if line != "[UNK]"),
+                     encoding="utf-8")
+    result = run_cli("check", "--model", model_copy)
+    assert result.returncode == 2 and "has no unknown-word token '[UNK]'" in result.stderr, result.stderr
+    (model_copy / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(LFS_POINTER)
+    result = run_cli("check", "--model", model_copy)
+    assert result.returncode == 2 and "is a git-lfs pointer" in result.stderr, result.stderr
