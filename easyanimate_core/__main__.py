@@ -15,7 +15,7 @@ from .memory import MEMORY_MODES, requested_mode
 from .media import read_frames, read_image, write_video
 from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
-from .text import load_tokenizers
+from .text_loading import load_tokenizers
 
 
 def _parser() -> argparse.ArgumentParser:
