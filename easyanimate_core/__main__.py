@@ -15,6 +15,7 @@ from .memory import MEMORY_MODES, requested_mode
 from .media import read_frames, read_image, write_video
 from .pipeline import DEFAULT_NEGATIVE_PROMPT
 from .samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from .text_loading import load_tokenizers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "check":
             files = validate_model_dir(args.model)
+            load_tokenizers(files.root)  # damaged tokenizer files are found here, not at the first prompt
             print(f"{files.root}: EasyAnimate V5 {files.kind} model, all files present")
             return 0
         return _generate(args)

@@ -5,20 +5,40 @@ Conventions (see the fact sheet §6–7): videos are [1,3,F,H,W]; user masks use
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from .errors import UnsupportedRequestError
 
 
+def to_rgb(frames: torch.Tensor, what: str = "image") -> tuple[torch.Tensor, str | None]:
+    """[..., C] images with 1-4 channels → [..., 3]: alpha dropped, gray repeated; plus a note saying so."""
+    channels = frames.shape[-1]
+    if channels == 4:
+        return frames[..., :3], f"{what} has an alpha channel (RGBA): the alpha is dropped, transparent areas keep " \
+                                "their colour"
+    if channels in (1, 2):
+        label = "grayscale" if channels == 1 else "grayscale with alpha"
+        return frames[..., :1].expand(*frames.shape[:-1], 3), f"{what} is {label}: its gray is repeated into RGB"
+    return frames, None
+
+
 def frames_to_video(frames: torch.Tensor, height: int, width: int, what: str = "video") -> torch.Tensor:
-    """[F,H,W,3] (or one image [H,W,3]) float 0..1 → [1,3,F,height,width] float32, resized if needed."""
+    """[F,H,W,C] (or one image [H,W,C]) float 0..1 → [1,3,F,height,width] float32, resized if needed.
+
+    C is 3, or 4 (alpha dropped) or 1 (gray repeated), with a warning for the latter two.
+    """
     frames = torch.as_tensor(frames)
     if frames.dim() == 3:
         frames = frames.unsqueeze(0)
+    if frames.dim() == 4 and frames.shape[-1] in (1, 2, 4):
+        frames, note = to_rgb(frames, what)
+        warnings.warn(note, stacklevel=2)
     if frames.dim() != 4 or frames.shape[-1] != 3:
-        raise UnsupportedRequestError(f"{what} must be [frames, height, width, 3] (or [height, width, 3]) "
-                                      f"with values 0..1; got shape {list(frames.shape)}")
+        raise UnsupportedRequestError(f"{what} must be [frames, height, width, 3] (or [height, width, 3]; RGBA and "
+                                      f"grayscale are converted) with values 0..1; got shape {list(frames.shape)}")
     if frames.dtype == torch.uint8:
         frames = frames.float() / 255.0
     video = frames.float().permute(0, 3, 1, 2)  # F,3,H,W

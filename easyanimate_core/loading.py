@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelFolderError
+from .file_checks import check_file
 from .safetensors_io import iter_tensors, read_index
 
 # (name, tensor as read) -> the (name, tensor) pairs to load; see load_weights_into.
@@ -37,12 +38,44 @@ OFFICIAL_MODELS = (
 )
 
 
+def official_model_for(name: str) -> str | None:
+    """The official model a folder or repo name refers to (case-insensitive; the longest one it contains)."""
+    wanted = name.rsplit("/", 1)[-1].lower()
+    matches = [model for model in OFFICIAL_MODELS if model.lower() in wanted]
+    exact = [model for model in matches if model.lower() == wanted]
+    return (exact or sorted(matches, key=len, reverse=True) or [None])[0]
+
+
 def download_hint(root: Path) -> str:
-    """The command that fetches a whole model folder into `root` (named after an official model if it is one)."""
-    name = root.name if root.name in OFFICIAL_MODELS else "EasyAnimateV5-12b-zh-InP"
-    target = root if root.name in OFFICIAL_MODELS else root.parent / name
-    return (f"Download the whole folder: `huggingface-cli download alibaba-pai/{name} --local-dir {target}` "
-            f"(official models: {', '.join(OFFICIAL_MODELS)}).")
+    """The command that fetches the model `root` names into `root`, or the choice of official models."""
+    name = official_model_for(root.name)
+    if name is not None:
+        return (f"Download the whole folder: `huggingface-cli download alibaba-pai/{name} --local-dir {root}` "
+                f"(it resumes an interrupted download).")
+    return (f"Download an official model folder: `huggingface-cli download alibaba-pai/<model> --local-dir "
+            f"{root.parent}/<model>` with <model> one of {', '.join(OFFICIAL_MODELS)}.")
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def single_file_error(path: Path) -> ModelFolderError:
+    """A single checkpoint file where a model folder is expected."""
+    return ModelFolderError(
+        f"{path} is a single file: single-file checkpoints are not supported. EasyAnimate V5 is loaded from the "
+        f"folder Hugging Face publishes (each component in its own sub-folder), placed like this:\n"
+        f"{EXPECTED_TREE}\n{download_hint(path.with_suffix(''))}")
+
+
+def pickle_only_error(root: Path, folder: Path, pickles: list[Path]) -> CheckpointError:
+    """A component folder with only pickle weights (.bin/.pt), which are never loaded."""
+    names = ", ".join(p.name for p in pickles[:3])
+    return CheckpointError(
+        f"{folder} holds only pickle weights ({names}) and no .safetensors file. Pickle files are never loaded, "
+        f"for safety (opening one can run code hidden in it). The official repositories publish safetensors "
+        f"versions of every file. {download_hint(root)}")
+
 
 KIND_BY_IN_CHANNELS = {16: "t2v", 33: "inpaint", 32: "control"}
 
@@ -89,6 +122,7 @@ def _missing(root: Path, what: Path, detail: str = "") -> ModelFolderError:
 
 
 def _read_json(path: Path) -> dict:
+    check_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -114,7 +148,25 @@ def _weight_files(root: Path, sub: str) -> tuple[Path, ...]:
             if not shard.is_file():
                 raise _missing(root, shard, f"listed in {index_path.name}")
         return shards
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise pickle_only_error(root, folder, pickles)
     raise _missing(root, folder / single)
+
+
+# Files the tokenizers read when present (transformers looks for each by name).
+_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+
+
+def _check_read_files(root: Path) -> None:
+    """Every config and tokenizer file the loader reads: not empty, not a git-lfs pointer, not an HTML page."""
+    for sub, names in _REQUIRED_FILES.items():
+        for name in names:
+            check_file(root / sub / name)
+    for sub in ("tokenizer", "tokenizer_2"):
+        for name in _TOKENIZER_FILES:
+            if (root / sub / name).is_file():
+                check_file(root / sub / name)
 
 
 def kind_from_config(config: dict, where: Path | str = "transformer/config.json") -> str:
@@ -130,6 +182,8 @@ def kind_from_config(config: dict, where: Path | str = "transformer/config.json"
 def validate_model_dir(model_dir: str | Path) -> ModelFiles:
     """Check every file of the layout exists and every safetensors header is intact; no weights are read."""
     root = Path(model_dir).expanduser()
+    if root.is_file() and root.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise single_file_error(root)
     if not root.is_dir():
         raise ModelFolderError(
             f"EasyAnimate model folder {root} does not exist.\nExpected layout:\n{EXPECTED_TREE}\n{download_hint(root)}")
@@ -139,6 +193,7 @@ def validate_model_dir(model_dir: str | Path) -> ModelFiles:
         for name in names:
             if not (root / sub / name).is_file():
                 raise _missing(root, root / sub / name)
+    _check_read_files(root)
     weights = {sub: _weight_files(root, sub) for sub in _WEIGHT_CANDIDATES}
     for paths in weights.values():
         for path in paths:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .block_swap import suspended
 from .errors import CheckpointError, ModelFolderError
+from .loading import PICKLE_SUFFIXES
 from .safetensors_io import iter_tensors, read_index
 
 _KOHYA_PREFIX = "lora_unet_"
@@ -183,6 +184,8 @@ def _read(path: Path) -> dict[str, Tensor]:
         return _cache[key]
     if not path.is_file():
         raise ModelFolderError(f"LoRA file not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(pickle_lora_message(path))
     try:
         tensors = dict(iter_tensors(read_index(path)))
     except CheckpointError as exc:
@@ -190,6 +193,13 @@ def _read(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read LoRA {path}: {exc}{hint}") from exc
     _cache[key] = tensors
     return tensors
+
+
+def pickle_lora_message(path: Path) -> str:
+    """Why a .pt/.bin/.ckpt LoRA is refused (said before anything is read from it)."""
+    return (f"LoRA {path} is a pickle file ({path.suffix}): pickle files are never loaded, for safety (opening one "
+            "can run code hidden in it). Only .safetensors LoRA files are supported: use the .safetensors version "
+            "of this LoRA.")
 
 
 def _trim_cache(keep: set) -> None:

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from .errors import CheckpointError
+from .file_checks import check_file
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -52,6 +53,7 @@ class SafetensorsIndex:
 def read_index(path: str | os.PathLike) -> SafetensorsIndex:
     """Parse and validate a safetensors header; a truncated or foreign file raises CheckpointError."""
     path = Path(path)
+    check_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import BertModel, BertTokenizer, T5EncoderModel, T5Tokenizer
+from transformers import BertModel, T5EncoderModel
 
-from .errors import CheckpointError
+from .text_loading import dtype_kwarg, load_text_encoder, load_tokenizers
 
 MAX_TEXT_TOKENS = 256
 
@@ -32,18 +31,6 @@ class PromptEmbeds:
         return PromptEmbeds(self.bert.repeat(n, 1, 1), self.t5.repeat(n, 1, 1))
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def _from_pretrained(cls, folder: Path, **kwargs):
-    try:
-        return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
-
-
 class TextEncoders:
     """The two V5 text encoders with their tokenizers."""
 
@@ -53,16 +40,14 @@ class TextEncoders:
 
     @classmethod
     def from_model_dir(cls, root: Path, *, dtype: torch.dtype, device="cpu") -> "TextEncoders":
-        """Load `text_encoder/`, `tokenizer/`, `text_encoder_2/`, `tokenizer_2/` from a model folder."""
-        kw = _dtype_kwarg(dtype)
-        bert = _from_pretrained(BertModel, root / "text_encoder", **kw)
-        t5 = _from_pretrained(T5EncoderModel, root / "text_encoder_2", **kw)
-        bert_tok = _from_pretrained(BertTokenizer, root / "tokenizer")
-        try:
-            t5_tok = _from_pretrained(T5Tokenizer, root / "tokenizer_2")
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}\nReading spiece.model needs the `sentencepiece` and `protobuf` packages "
-                                  "(pip install sentencepiece protobuf).") from exc
+        """Load `text_encoder/`, `tokenizer/`, `text_encoder_2/`, `tokenizer_2/` from a model folder.
+
+        Tokenizers are checked first (cheap), then each encoder is loaded strictly (see load_text_encoder).
+        """
+        bert_tok, t5_tok = load_tokenizers(root)
+        kw = dtype_kwarg(dtype)
+        bert = load_text_encoder(BertModel, root / "text_encoder", "bert", **kw)
+        t5 = load_text_encoder(T5EncoderModel, root / "text_encoder_2", "t5", **kw)
         return cls(bert.to(device), bert_tok, t5.to(device), t5_tok)
 
     @property

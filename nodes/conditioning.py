@@ -9,6 +9,7 @@ from ..easyanimate_core.buckets import BASE_RESOLUTIONS, floor_to_multiple, late
 from ..easyanimate_core.control import canny_frames
 from ..easyanimate_core.errors import UnsupportedRequestError
 from ..easyanimate_core.vae_io import encode_frames
+from .inputs import check_image_size, image_input, report
 from .types import (TextConditioning, TextConditioningType, TextEncodersType, VaeType, VideoConditioning,
                     VideoConditioningType)
 
@@ -54,9 +55,21 @@ def usable_frames(frames: torch.Tensor, what: str, notes: list) -> int:
     """Frames of a video the model can take (4k+1, at most MAX_FRAMES), with a note when some are dropped."""
     count = frames.shape[0]
     usable = round_frames(min(count, MAX_FRAMES))
-    if usable != count:
+    if usable == 1 and count > 1:
+        notes.append(f"{what} has {count} frames; EasyAnimate takes 4k+1 frames, so only its first frame is used "
+                     "and the result is a single frame. Give at least 5 frames for a video")
+    elif usable != count:
         notes.append(f"{what} has {count} frames; EasyAnimate takes 4k+1 frames, so the first {usable} are used")
     return usable
+
+
+def length_frames(length: int, notes: list) -> int:
+    """The 4k+1 frame count for a `length` input, with a note when it changes."""
+    frames = round_frames(length)
+    if frames != length:
+        extra = " (a single frame, i.e. an image; 5 is the shortest video)" if frames == 1 else ""
+        notes.append(f"length {length} is not 4k+1: using {frames}{extra}")
+    return frames
 
 
 def _size_inputs():
@@ -122,10 +135,8 @@ class EmptyLatent(io.ComfyNode):
     def execute(cls, width: int, height: int, length: int) -> io.NodeOutput:
         notes = []
         w, h = target_size("explicit", width, height, None, notes)
-        frames = round_frames(length)
-        if frames != length:
-            notes.append(f"length {length} is not 4k+1: using {frames}")
-        return io.NodeOutput(empty_latent(w, h, frames), ui=ui_text(notes))
+        frames = length_frames(length, notes)
+        return io.NodeOutput(empty_latent(w, h, frames), ui=report("Empty Video Latent", notes))
 
 
 class ImageToVideo(io.ComfyNode):
@@ -156,11 +167,13 @@ class ImageToVideo(io.ComfyNode):
     def execute(cls, vae, start_image, length: int, size: str, width: int, height: int,
                 end_image=None) -> io.NodeOutput:
         notes = []
+        start_image = image_input(start_image, "start_image", notes)
         w, h = target_size(size, width, height, start_image, notes)
-        frames = round_frames(length)
+        frames = length_frames(length, notes)
         if start_image.shape[0] > 1:
             notes.append(f"start_image is a batch of {start_image.shape[0]}: its first image is used")
         if end_image is not None:
+            end_image = image_input(end_image, "end_image", notes)
             if end_image.shape[0] > 1:
                 notes.append(f"end_image is a batch of {end_image.shape[0]}: its last image is used")
             if tuple(end_image.shape[1:3]) != tuple(start_image.shape[1:3]):
@@ -168,7 +181,7 @@ class ImageToVideo(io.ComfyNode):
                              f"{start_image.shape[2]}x{start_image.shape[1]}: both are resized to {w}x{h}")
             end_image = end_image[-1].cpu()
         cond = VideoConditioning(vae=vae, start_image=start_image[0].cpu(), end_image=end_image, notes=tuple(notes))
-        return io.NodeOutput(cond, empty_latent(w, h, frames), ui=ui_text(notes))
+        return io.NodeOutput(cond, empty_latent(w, h, frames), ui=report("Image to Video", notes))
 
 
 class VideoInpaint(io.ComfyNode):
@@ -197,17 +210,33 @@ class VideoInpaint(io.ComfyNode):
     @classmethod
     def execute(cls, vae, video, mask, size: str, width: int, height: int) -> io.NodeOutput:
         notes = []
+        video = image_input(video, "video", notes)
         w, h = target_size(size, width, height, video, notes)
         frames = usable_frames(video, "video", notes)
-        if mask.dim() == 2:
-            mask = mask.unsqueeze(0)
-        if mask.shape[0] != 1 and mask.shape[0] < frames:
-            raise UnsupportedRequestError(
-                f"mask has {mask.shape[0]} frames but the video has {video.shape[0]}: give one mask for all "
-                "frames or one per frame")
+        mask = mask_frames(mask, video, frames, notes)
         video = video[:frames].cpu()
-        cond = VideoConditioning(vae=vae, video=video, mask=mask[:frames].cpu(), notes=tuple(notes))
-        return io.NodeOutput(cond, encode_video_latent(vae, video, w, h), ui=ui_text(notes))
+        cond = VideoConditioning(vae=vae, video=video, mask=mask.cpu(), notes=tuple(notes))
+        return io.NodeOutput(cond, encode_video_latent(vae, video, w, h), ui=report("Video Inpaint", notes))
+
+
+def mask_frames(mask: torch.Tensor, video: torch.Tensor, frames: int, notes: list) -> torch.Tensor:
+    """The MASK for the first `frames` frames of `video`: one mask for all frames, or one per frame."""
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 3:
+        raise UnsupportedRequestError(f"mask must be a MASK batch [masks, height, width]; got shape {list(mask.shape)}")
+    count = mask.shape[0]
+    if count != 1 and count < frames:
+        raise UnsupportedRequestError(
+            f"mask holds {count} masks but {frames} frames of the video are used: give one mask (used for every "
+            f"frame) or one per frame, at least {frames} (e.g. a mask video of the same length through Convert "
+            "Image to Mask)")
+    if count > frames:
+        notes.append(f"mask holds {count} masks; the first {frames} are used, one per frame")
+    if tuple(mask.shape[1:]) != tuple(video.shape[1:3]):
+        notes.append(f"mask is {mask.shape[2]}x{mask.shape[1]}, the video {video.shape[2]}x{video.shape[1]}: "
+                     "the mask is stretched to the output size")
+    return mask[:frames]
 
 
 def encode_video_latent(vae, frames: torch.Tensor, width: int, height: int) -> dict:
@@ -242,10 +271,11 @@ class ControlVideo(io.ComfyNode):
     @classmethod
     def execute(cls, vae, control_video, size: str, width: int, height: int) -> io.NodeOutput:
         notes = []
+        control_video = image_input(control_video, "control_video", notes)
         w, h = target_size(size, width, height, control_video, notes)
         frames = usable_frames(control_video, "control_video", notes)
         cond = VideoConditioning(vae=vae, control_video=control_video[:frames].cpu(), notes=tuple(notes))
-        return io.NodeOutput(cond, empty_latent(w, h, frames), ui=ui_text(notes))
+        return io.NodeOutput(cond, empty_latent(w, h, frames), ui=report("Control Video", notes))
 
 
 class ResolutionBucket(io.ComfyNode):
@@ -267,6 +297,7 @@ class ResolutionBucket(io.ComfyNode):
     @classmethod
     def execute(cls, image, base_resolution: str = "512") -> io.NodeOutput:
         check_choice("base_resolution", base_resolution, [str(b) for b in BASE_RESOLUTIONS])
+        check_image_size(image, "image")
         h, w = bucket_size(image.shape[1], image.shape[2], int(base_resolution))
         return io.NodeOutput(w, h, ui=ui_text([f"{w}x{h}"]))
 

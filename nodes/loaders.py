@@ -15,9 +15,10 @@ import comfy.model_management as mm
 from ..easyanimate_core import auto_dtype, load_pipeline, resolve_dtype
 from ..easyanimate_core.attention import BACKENDS, DEFAULT_BACKEND, get_attention_backend, set_attention_backend
 from ..easyanimate_core.block_swap import enable_block_swap
-from ..easyanimate_core.errors import ModelFolderError, UnsupportedRequestError
-from ..easyanimate_core.loading import EXPECTED_TREE, download_hint, validate_model_dir
-from ..easyanimate_core.lora import set_loras
+from ..easyanimate_core.errors import CheckpointError, ModelFolderError, UnsupportedRequestError
+from ..easyanimate_core.loading import (EXPECTED_TREE, PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, download_hint,
+                                        single_file_error, validate_model_dir)
+from ..easyanimate_core.lora import pickle_lora_message, set_loras
 from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files, requested_mode
 from ..easyanimate_core.models.transformer import compile_transformer_blocks
 from .comfy_bridge import ManagedModule, compute_device, log, offload_device
@@ -53,16 +54,55 @@ def list_model_folders() -> list[str]:
     return sorted(found)
 
 
+def list_model_names() -> list[str]:
+    """The loader's model_name options: the model folders, then any single-file checkpoints lying beside
+    them (listed so that choosing one explains that single files are not supported)."""
+    return list_model_folders() + [p.name for p in _single_files(model_roots())]
+
+
+def _single_files(roots: list[Path]) -> list[Path]:
+    """Checkpoint files lying directly in the model folders (where a model folder belongs)."""
+    return sorted(p for root in roots if root.is_dir() for p in root.iterdir()
+                  if p.is_file() and p.suffix.lower() in SINGLE_FILE_SUFFIXES)
+
+
+def _inside(root: Path, name: str) -> Path | None:
+    """root/name when the name stays inside root (not empty, no '..', not absolute), else None. Lexical:
+    model folders may be symlinks to elsewhere."""
+    relative = Path(name.replace("\\", "/"))
+    if not name.strip() or relative.is_absolute() or ".." in relative.parts or relative.drive:
+        return None
+    return root / relative
+
+
 def resolve_model_folder(name: str) -> Path:
-    """The folder a combo value names; a clear error with the layout and download command when absent."""
+    """The folder a model_name value names. Values outside the list are refused (ComfyUI 0.3.75 does not
+    check combo values): a path leaving models/EasyAnimate/, a single-file checkpoint, a missing folder."""
     roots = model_roots()
+    listed = list_model_folders()
     for root in roots:
-        if (root / name).is_dir():
+        inside = _inside(root, name)
+        if inside is None:
+            continue
+        if inside.is_file() and inside.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            raise single_file_error(root / name)
+        if name in listed and (root / name).is_dir():
+            return root / name
+        if inside.is_dir():
+            validate_model_dir(root / name)  # not listed, so incomplete: the error names the missing file
             return root / name
     searched = "\n".join(f"  {root}" for root in roots)
+    if any(_inside(root, name) is None for root in roots):
+        raise ModelFolderError(
+            f"model_name {name!r} is not a model folder under models/EasyAnimate/: pick one of the list "
+            f"({', '.join(listed) or 'empty: add a model folder and press R'}). Searched:\n{searched}")
     target = roots[0] / name if roots else Path(name)
+    singles = _single_files(roots)
+    single_note = (f"These single-file checkpoints cannot be used ({', '.join(p.name for p in singles[:3])}): "
+                   "single-file checkpoints are not supported, each model is a folder.\n" if singles else "")
+    available = f"Model folders found: {', '.join(listed)}.\n" if listed else "No model folder was found.\n"
     raise ModelFolderError(
-        f"EasyAnimate model folder '{name}' was not found. Searched:\n{searched}\n"
+        f"EasyAnimate model folder '{name}' was not found. Searched:\n{searched}\n{available}{single_note}"
         f"Expected layout:\n{EXPECTED_TREE}\n{download_hint(target)}")
 
 
@@ -152,10 +192,10 @@ class ModelLoader(io.ComfyNode):
             description="Loads an EasyAnimate V5 model folder (diffusers layout) from models/EasyAnimate/. "
                         "The model kind (text-to-video, InP or Control) travels with the model.",
             inputs=[
-                io.Combo.Input("model_name", options=list_model_folders(),
+                io.Combo.Input("model_name", options=list_model_names(),
                                tooltip="A folder under models/EasyAnimate/ (e.g. EasyAnimateV5-12b-zh-InP) holding "
                                        "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                                       "tokenizer_2/ and scheduler/."),
+                                       "tokenizer_2/ and scheduler/. Single-file checkpoints are not supported."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="Weights and compute precision. auto: bf16 on GPUs that support it, fp16 on "
                                        "other GPUs, fp32 on the CPU. With fp16 the VAE runs in fp32 and the text "
@@ -193,9 +233,16 @@ class ModelLoader(io.ComfyNode):
         return io.NodeOutput(model, text, vae, ui={"text": (summary, plan.describe())})
 
 
+def lora_files() -> list[str]:
+    """The LoRA list: .safetensors files in ComfyUI's loras folders (pickles are never loaded)."""
+    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(".safetensors")]
+
+
 def resolve_lora(name: str) -> Path:
-    """Full path of a file in ComfyUI's loras folders, or an error naming where it was looked for."""
-    path = folder_paths.get_full_path("loras", name) if name else None
+    """Full path of a listed LoRA file; a pickle is refused saying why, anything else not listed as not found."""
+    if Path(name or "").suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(pickle_lora_message(Path(name)))
+    path = folder_paths.get_full_path("loras", name) if name in lora_files() else None
     if path is None:
         folders = "\n".join(f"  {p}" for p in folder_paths.get_folder_paths("loras"))
         raise ModelFolderError(f"LoRA '{name}' was not found in:\n{folders}\nPut EasyAnimate V5 LoRA .safetensors "
@@ -215,8 +262,9 @@ class LoraLoader(io.ComfyNode):
                         "The base weights are never changed: the update is applied while sampling.",
             inputs=[
                 ModelType.Input("model", tooltip="From the EasyAnimate Model Loader or another LoRA node."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="A .safetensors file in models/loras/ trained for EasyAnimate V5 (not V5.1)."),
+                io.Combo.Input("lora_name", options=lora_files(),
+                               tooltip="A .safetensors file in models/loras/ trained for EasyAnimate V5 (not V5.1). "
+                                       ".pt/.bin files are not listed: pickles are never loaded, for safety."),
                 io.Float.Input("strength", default=0.7, min=-4.0, max=4.0, step=0.05,
                                tooltip="How strongly to apply it; 0.7 is the suggested weight of the official "
                                        "reward LoRAs. Negative values push away from it."),

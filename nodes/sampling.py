@@ -1,6 +1,7 @@
 """The sampler node: text + latent (+ image/video/control conditioning) → denoised video latent."""
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 from comfy_api.latest import io
@@ -10,26 +11,68 @@ from ..easyanimate_core.errors import UnsupportedRequestError
 from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.models.vae import DiagonalGaussian
 from ..easyanimate_core.pipeline import KIND_NAMES, Pipeline
-from ..easyanimate_core.samplers import DEFAULT_SAMPLER
+from ..easyanimate_core.samplers import DEFAULT_SAMPLER, MIN_STEPS
 from .comfy_bridge import SamplingProgress, check_interrupted, compute_device, previews_enabled
 from .conditioning import CATEGORY, LATENT_CHANNELS, check_choice, ui_text
+from .inputs import report
 from .types import ModelType, TextConditioningType, VideoConditioningType
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-def latent_geometry(latent: dict) -> tuple[int, int, int]:
-    """(height, width, frames) in pixels of an EasyAnimate video latent."""
+def latent_geometry(latent: dict, name: str = "latent_image") -> tuple[int, int, int]:
+    """(height, width, frames) in pixels of an EasyAnimate video latent given to the input `name`."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if samples is None or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS:
         shape = None if samples is None else list(samples.shape)
         raise UnsupportedRequestError(
-            f"the latent must be an EasyAnimate video latent [1,16,frames,height/8,width/8]; got {shape}. Use "
+            f"{name} must be an EasyAnimate video latent [1,16,frames,height/8,width/8]; got {shape}. Use "
             "EasyAnimate Empty Video Latent, Image to Video, Video Inpaint, Control Video or VAE Encode.")
     if samples.shape[0] != 1:
-        raise UnsupportedRequestError(f"the latent holds a batch of {samples.shape[0]} videos; sample one at a time")
+        raise UnsupportedRequestError(f"{name} holds a batch of {samples.shape[0]} videos; give one at a time")
     _, _, t, h, w = samples.shape
     return h * 8, w * 8, (t - 1) * 4 + 1
+
+
+def check_steps_input(sampler_name: str, steps: int, denoise: float) -> None:
+    """steps must suit sampler_name, and denoise × steps leave at least one step (said with this node's input
+    names; the core says 'strength' and 'step count')."""
+    minimum = MIN_STEPS.get(sampler_name, 1)
+    if steps < minimum:
+        others = ", ".join(name for name in SAMPLER_NAMES if name not in MIN_STEPS)
+        raise UnsupportedRequestError(f"sampler_name {sampler_name} needs steps of at least {minimum} (got {steps}): "
+                                      f"raise steps, or pick another sampler_name ({others})")
+    if denoise < 1.0 and int(steps * denoise) < 1:
+        raise UnsupportedRequestError(
+            f"denoise {denoise:g} × steps {steps} leaves no step to run (only the last denoise × steps steps run): "
+            f"raise denoise to at least {math.ceil(100 / steps) / 100:g} or steps to at least "
+            f"{math.ceil(1 / denoise)}")
+
+
+def check_conditioning(kind: str, cond, frames: int, warnings: list) -> None:
+    """Refusals in this node's terms: a Control model needs Control Video, and a conditioning video must
+    cover the latent's length (the core would silently make the shorter video)."""
+    if kind == "control" and cond is None:  # other conditioning on a Control model: the core names the model
+        raise UnsupportedRequestError(
+            "this is an EasyAnimate V5 Control model: connect EasyAnimate Control Video to video_conditioning (it "
+            "takes pose, Canny or depth frames), or load a text-to-video or InP model for text to video")
+    if cond is None:
+        return
+    for name in ("video", "control_video"):
+        given = getattr(cond, name)
+        if given is None:
+            continue
+        count = given.shape[0]
+        if count < frames:
+            raise UnsupportedRequestError(
+                f"the {name} in video_conditioning has {count} usable frame{'s' * (count != 1)} but latent_image "
+                f"asks for {frames}: "
+                f"the video would come out {count} frames long, not {frames}. Connect the latent output of the "
+                f"node that makes video_conditioning to latent_image (it has the video's length), set the length "
+                f"to {count}, or give a video of at least {frames} frames")
+        if count > frames:
+            warnings.append(f"the {name} in video_conditioning has {count} frames and latent_image asks for "
+                            f"{frames}: its first {frames} frames are used")
 
 
 def start_video_posterior(latent: dict, denoise: float, device):
@@ -79,8 +122,11 @@ class Sampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float,
                 sampler_name: str, denoise: float, video_conditioning=None) -> io.NodeOutput:
         check_choice("sampler_name", sampler_name, SAMPLER_NAMES)
+        check_steps_input(sampler_name, steps, denoise)
         height, width, frames = latent_geometry(latent_image)
         cond = video_conditioning
+        warnings = []
+        check_conditioning(model.kind, cond, frames, warnings)
         vae = cond.vae if cond is not None else model.vae
         inputs = {}
         if cond is not None:
@@ -129,7 +175,8 @@ class Sampler(io.ComfyNode):
             notes.extend(cond.notes)
         if model.loras:
             notes.append("LoRA: " + lora_report.summary().replace("\n", "; "))
-        return io.NodeOutput({"samples": final.float().cpu()}, ui=ui_text(notes))
+        report("Sampler", warnings)
+        return io.NodeOutput({"samples": final.float().cpu()}, ui=ui_text(notes + warnings))
 
 
 def _preview_decoder(model):

@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..easyanimate_core.vae_io import decode_latents
 from .comfy_bridge import check_interrupted, to_output_images
-from .conditioning import CATEGORY, SIZE_MODES, check_choice, encode_video_latent, target_size, ui_text, usable_frames
+from .conditioning import CATEGORY, SIZE_MODES, check_choice, encode_video_latent, target_size, usable_frames
+from .inputs import image_input, report
 from .sampling import latent_geometry
 from .types import VaeType
 
@@ -36,7 +37,7 @@ class VAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tiling: bool = False, tile_size: int = 384) -> io.NodeOutput:
-        latent_geometry(samples)
+        latent_geometry(samples, "samples")
         check_interrupted()
         module = vae.vae
         saved = (module.use_tiling, module.tile_sample_min_size, module.tile_overlap_factor)
@@ -75,7 +76,8 @@ class VAEEncode(io.ComfyNode):
     def execute(cls, vae, pixels: torch.Tensor, size: str = "input") -> io.NodeOutput:
         check_choice("size", size, ENCODE_SIZES)
         notes = []
+        pixels = image_input(pixels, "pixels", notes)
         mode = "explicit" if size == "input" else size
         w, h = target_size(mode, pixels.shape[2], pixels.shape[1], pixels, notes)
         frames = usable_frames(pixels, "pixels", notes)
-        return io.NodeOutput(encode_video_latent(vae, pixels[:frames].cpu(), w, h), ui=ui_text(notes))
+        return io.NodeOutput(encode_video_latent(vae, pixels[:frames].cpu(), w, h), ui=report("VAE Encode", notes))

@@ -1,5 +1,6 @@
 """What each model kind accepts: refused combinations say why and what to load instead."""
 import json
+import re
 
 import pytest
 import torch
@@ -168,3 +169,15 @@ def test_vae_tiling_switch(tiny_pipeline):
     finally:
         pipe.set_vae_tiling(False)
     assert torch.equal(pipe.generate("a cat", **kwargs).frames, plain.frames)
+
+
+@pytest.mark.parametrize("channels, note", [(4, "has an alpha channel (RGBA): the alpha is dropped"),
+                                            (1, "is grayscale: its gray is repeated into RGB")])
+def test_rgba_and_grayscale_images_are_converted_with_a_warning(tiny_pipeline, channels, note):
+    """Images enter as RGB whatever their channels: alpha dropped, gray repeated (same result as the RGB image)."""
+    pipe = tiny_pipeline("inpaint")
+    rgb = IMAGE if channels == 4 else IMAGE[..., :1].expand(-1, -1, 3)
+    given = torch.cat([IMAGE, torch.rand(32, 32, 1)], dim=-1) if channels == 4 else IMAGE[..., :1]
+    with pytest.warns(UserWarning, match=rf"start_image {re.escape(note)}"):
+        converted = pipe.generate("a cat", **SMALL, seed=3, start_image=given)
+    assert torch.equal(converted.latents, pipe.generate("a cat", **SMALL, seed=3, start_image=rgb).latents)
