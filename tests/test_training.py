@@ -155,3 +155,172 @@ def test_inpaint_channels_are_checked(tiny_pipeline):
     with pytest.raises(UnsupportedRequestError, match="input channels"):
         LoraTrainer(pipe, rank=2, alpha=2.0).step(latents, bert, t5, t, noise,
                                                  inpaint_latents=torch.zeros(1, 17, 1, 4, 6))
+
+
+# ------------------------------------------------------------------ dataset, cache, whole runs
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from easyanimate_core.training.cache import (CacheMismatchError, PipelineEncoders, build_cache,  # noqa: E402
+                                             training_text_embeds)
+from easyanimate_core.training.dataset import DatasetError, DatasetSettings, scan_folder  # noqa: E402
+from easyanimate_core.training.loop import TrainConfig, state_path, train_lora  # noqa: E402
+
+SMALL = DatasetSettings(resolution=64, max_frames=1, image_resolution=64)
+
+
+def write_style_images(folder: Path, n: int = 4, seed: int = 0, captions: bool = True, size=(48, 80)):
+    """Synthetic images sharing a strong orange cast, with captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        base = rng.random((size[0], size[1], 3)) * 0.3
+        img = np.clip(base + np.array([0.7, 0.35, 0.05]), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"img_{i}.png")
+        if captions:
+            (folder / f"img_{i}.txt").write_text(f"an orange picture number {i}", encoding="utf-8")
+    return folder
+
+
+def test_dataset_bad_input(tmp_path):
+    with pytest.raises(DatasetError, match="holds no images"):
+        scan_folder(tmp_path)
+    write_style_images(tmp_path / "nocap", n=2, captions=False)
+    with pytest.raises(DatasetError, match="no caption file: img_0.png, img_1.png"):
+        scan_folder(tmp_path / "nocap")
+    items = scan_folder(tmp_path / "nocap", missing_captions="filename")
+    assert [i.caption for i in items] == ["img 0", "img 1"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "broken" / "bad.txt").write_text("x")
+    from easyanimate_core.training.dataset import read_media
+
+    with pytest.raises(DatasetError, match="cannot read training file .*bad.png"):
+        read_media(scan_folder(tmp_path / "broken")[0], 1)
+
+
+def test_json_list_and_buckets(tmp_path):
+    write_style_images(tmp_path, n=1, captions=False, size=(64, 112))
+    (tmp_path / "meta.json").write_text('[{"file_path": "img_0.png", "text": "a sun", "type": "image"}]')
+    items = scan_folder(tmp_path / "meta.json")
+    assert items[0].caption == "a sun" and items[0].kind == "image"
+    # The golden case's bucket: a 64x112 image at sample size 96 trains at 64x112.
+    assert DatasetSettings(resolution=96, max_frames=1, image_resolution=96).bucket(64, 112, 1) == (64, 112)
+    # Token budget: a 49-frame video at 512 gets the 512 bucket, an image the image resolution (1024).
+    settings = DatasetSettings()
+    assert settings.bucket(512, 512, 49) == (512, 512)
+    assert settings.bucket(512, 512, 1) == (1024, 1024)
+
+
+def test_training_tokenisation_has_no_special_tokens(golden, tiny_pipeline):
+    pipe = load_pipeline(golden("models", "EasyAnimateV5-tiny-zh"))
+    train = load_file(golden(*CASE) / "train.safetensors")
+    caption = "A red sun over the blue sea at night, high quality picture."
+    bert, t5 = training_text_embeds(pipe.text_encoders, caption)
+    torch.testing.assert_close(bert, train["prompt_embeds"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(t5, train["prompt_embeds_2"], atol=1e-5, rtol=0)
+
+
+def test_cache_is_reused_and_refuses_another_model(tmp_path, tiny_pipeline, tiny_model_dir):
+    pipe = tiny_pipeline("t2v")
+    data = write_style_images(tmp_path / "data", n=2)
+    items = scan_folder(data)
+    encoders = PipelineEncoders(pipe)
+    cache = data / ".easyanimate_cache"
+    first = build_cache(encoders, items, SMALL, cache)
+    entries = sorted(cache.glob("*.safetensors"))
+    assert len(entries) == 2 and first[0].latent_shape == (1, 16, 1, 6, 10)
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    again = build_cache(encoders, items, SMALL, cache)
+    assert [p.stat().st_mtime_ns for p in entries] == stamps  # re-used, not rewritten
+    assert torch.equal(again[1].mean, first[1].mean)
+    (data / "img_1.txt").write_text("a changed caption")
+    build_cache(encoders, scan_folder(data), SMALL, cache)
+    assert entries[1].stat().st_mtime_ns != stamps[1] and entries[0].stat().st_mtime_ns == stamps[0]
+    with pytest.raises(CacheMismatchError, match="other settings"):
+        build_cache(encoders, items, DatasetSettings(resolution=32, max_frames=1, image_resolution=32), cache)
+    inp = PipelineEncoders(tiny_pipeline("inpaint"))
+    with pytest.raises(CacheMismatchError, match="a t2v model"):
+        build_cache(inp, items, SMALL, cache)
+    inp_samples = build_cache(inp, items, SMALL, cache, rebuild=True)
+    assert inp_samples[0].blank_mean is not None
+
+
+def _run(pipe, samples, empty, out, steps, **kw):
+    config = TrainConfig(steps=steps, rank=4, alpha=4.0, lr=1e-3, seed=5, save_every=kw.pop("save_every", 0), **kw)
+    return train_lora(pipe, samples, empty, config, out, base_model="tiny", log_csv=out.with_suffix(".csv"))
+
+
+def test_run_saves_metadata_log_and_resumes_exactly(tmp_path, tiny_pipeline):
+    pipe = tiny_pipeline("t2v")
+    data = write_style_images(tmp_path / "data", n=3)
+    encoders = PipelineEncoders(pipe)
+    samples = build_cache(encoders, scan_folder(data), SMALL, data / ".easyanimate_cache")
+    empty = encoders.encode_text("")
+    straight = _run(pipe, samples, empty, tmp_path / "a.safetensors", 4)
+    assert straight.steps_done == 4 and len(straight.losses) == 4
+    rows = (tmp_path / "a.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,grad_norm,seconds" and len(rows) == 5
+
+    _run(pipe, samples, empty, tmp_path / "b.safetensors", 2)
+    config = TrainConfig(steps=4, rank=4, alpha=4.0, lr=1e-3, seed=5)
+    resumed = train_lora(pipe, samples, empty, config, tmp_path / "b.safetensors", resume=True,
+                         log_csv=tmp_path / "b.csv")
+    assert resumed.losses == pytest.approx(straight.losses, abs=0)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "b.csv").read_text().splitlines()) == 5
+
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["ss_num_train_images"] == "3"
+    assert meta["ss_resolution"] == "48x80x1" and meta["ss_sd_model_name"] == "tiny"
+
+
+def test_interrupt_saves_progress_and_nan_keeps_last_save(tmp_path, tiny_pipeline):
+    pipe = tiny_pipeline("t2v")
+    data = write_style_images(tmp_path / "data", n=2)
+    encoders = PipelineEncoders(pipe)
+    samples = build_cache(encoders, scan_folder(data), SMALL)
+    empty = encoders.encode_text("")
+    out = tmp_path / "c.safetensors"
+
+    def cancel_at_3(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(pipe, samples, empty, TrainConfig(steps=10, rank=4, alpha=4.0, save_every=2), out,
+                   callback=cancel_at_3)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_steps"] == "3"
+    assert state_path(out).is_file()
+
+    saved = out.read_bytes()
+    samples[1].mean[..., 0] = math.nan
+    with pytest.raises(NonFiniteLossError):
+        train_lora(pipe, samples, empty, TrainConfig(steps=50, rank=4, alpha=4.0, save_every=1000), out)
+    assert out.read_bytes() == saved  # the last good save is untouched
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_full_disk_leaves_no_half_written_file(tmp_path, monkeypatch, tiny_pipeline):
+    import errno
+
+    from easyanimate_core.training import files
+
+    out = tmp_path / "d.safetensors"
+    out.write_bytes(b"previous")
+
+    def no_space(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "save_file", no_space)
+    trainer = LoraTrainer(tiny_pipeline("t2v"), rank=2, alpha=2.0)
+    with pytest.raises(files.SaveError, match="the disk is full"):
+        trainer.save(out)
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]

@@ -75,8 +75,9 @@ class _Trainer:
                 f"this model takes {kind_in} input channels but got latents with {latents.shape[1]} and "
                 f"{extra} inpaint channels: an {'InP' if kind_in == 33 else 'T2V'} model needs {need}")
         device = self.device
-        latents = latents.to(device, torch.float32)
-        noise = noise.to(device, torch.float32)
+        latents, noise = _plain(latents, device, torch.float32), _plain(noise, device, torch.float32)
+        prompt_embeds, prompt_embeds_2 = _plain(prompt_embeds, device), _plain(prompt_embeds_2, device)
+        inpaint_latents = None if inpaint_latents is None else _plain(inpaint_latents, device)
         timesteps = timesteps.to(device).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -88,10 +89,8 @@ class _Trainer:
         runner = checkpointed_runner if self.gradient_checkpointing else None
         try:
             with torch.inference_mode(False), torch.enable_grad(), self._hooks(), blocks_runner(transformer, runner):
-                pred = transformer(noisy, timesteps.float(), prompt_embeds.to(device),
-                                   encoder_hidden_states_t5=prompt_embeds_2.to(device),
-                                   inpaint_latents=None if inpaint_latents is None else inpaint_latents.to(device),
-                                   image_rotary_emb=rope)
+                pred = transformer(noisy, timesteps.float(), prompt_embeds, encoder_hidden_states_t5=prompt_embeds_2,
+                                   inpaint_latents=inpaint_latents, image_rotary_emb=rope)
                 loss = objective.masked_mse(pred, target)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(self._nan_message(loss))
@@ -233,6 +232,12 @@ class _nothing:
 
     def __exit__(self, *exc):
         return None
+
+
+def _plain(t: Tensor, device, dtype=None) -> Tensor:
+    """`t` on `device` as an ordinary tensor (inputs made under inference_mode cannot enter autograd)."""
+    t = t.to(device, dtype)
+    return t.clone() if t.is_inference() else t
 
 
 def _as_state(initial) -> dict[str, Tensor]:
