@@ -324,3 +324,23 @@ def test_full_disk_leaves_no_half_written_file(tmp_path, monkeypatch, tiny_pipel
         trainer.save(out)
     assert out.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_cli_train_lora_then_resume(tmp_path, tiny_model_dir, capsys):
+    from easyanimate_core.__main__ import main
+
+    data = write_style_images(tmp_path / "data", n=2)
+    out = tmp_path / "cli.safetensors"
+    common = ["train-lora", "--model", str(tiny_model_dir("t2v")), "--data", str(data), "--out", str(out),
+              "--rank", "4", "--lr", "1e-3", "--resolution", "64", "--frames", "1", "--save-every", "2"]
+    assert main(common + ["--steps", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(common + ["--steps", "3", "--resume", "--fp8", "--swap-blocks", "1"]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_steps"] == "3" and f.metadata()["ss_network_alpha"] == "4"
+    assert len((tmp_path / "cli.csv").read_text().splitlines()) == 4
+    assert main(common + ["--steps", "2", "--rank", "64"]) == 2
+    assert "rank 64 is larger" in capsys.readouterr().err
+    assert main(["train-lora", "--model", str(tiny_model_dir("t2v")), "--data", str(tmp_path / "empty"),
+                 "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
