@@ -344,3 +344,22 @@ def test_cli_train_lora_then_resume(tmp_path, tiny_model_dir, capsys):
     assert main(["train-lora", "--model", str(tiny_model_dir("t2v")), "--data", str(tmp_path / "empty"),
                  "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_planner_fits_12b_on_24gb_and_7b_on_16gb():
+    from easyanimate_core.memory import GB
+    from easyanimate_core.training.planner import (TRANSFORMER_7B, TRANSFORMER_12B, TrainingOptions,
+                                                   estimate_training, lora_parameter_count, plan_training)
+
+    assert lora_parameter_count(TRANSFORMER_12B, 32) == 228_820_992
+    plan = plan_training(TRANSFORMER_12B, 24 * GB, height=512, width=512, frames=49, rank=32)
+    assert plan.chosen is not None and plan.chosen.peak <= plan.budget and plan.chosen.options.fp8
+    assert "choose: fp8" in plan.describe()
+    plan7 = plan_training(TRANSFORMER_7B, 16 * GB, rank=32)
+    assert plan7.chosen is not None and plan7.chosen.peak <= plan7.budget
+    kw = dict(height=512, width=512, frames=49, rank=32)
+    plain = estimate_training(TRANSFORMER_12B, TrainingOptions(), **kw).peak
+    ckpt = estimate_training(TRANSFORMER_12B, TrainingOptions(gradient_checkpointing=True), **kw).peak
+    fp8 = estimate_training(TRANSFORMER_12B, TrainingOptions(True, True), **kw).peak
+    swap = estimate_training(TRANSFORMER_12B, TrainingOptions(True, True, 20), **kw).peak
+    assert plain > ckpt > fp8 > swap
