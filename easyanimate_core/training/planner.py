@@ -18,7 +18,9 @@ Terms of the estimate (bytes, compute dtype bf16):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -79,13 +81,23 @@ class TrainingPlan:
 
 def lora_parameter_count(config: dict, rank: int, targets: str = "all") -> int:
     """LoRA parameters for a transformer config (built on the meta device)."""
+    return rank * _lora_sides(json.dumps(config, sort_keys=True), targets)
+
+
+@lru_cache(maxsize=16)
+def _lora_sides(config_json: str, targets: str) -> int:
     from ..models.transformer import EasyAnimateTransformer3D
 
     include = target_filter(targets)
     with torch.device("meta"):
-        model = EasyAnimateTransformer3D.from_config_dict(config)
-    return sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+        model = EasyAnimateTransformer3D.from_config_dict(json.loads(config_json))
+    return sum(m.in_features + m.out_features for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and include(n))
+
+
+@lru_cache(maxsize=16)
+def _sizes(config_json: str, dtype: torch.dtype, fp8: bool) -> tuple[int, tuple[int, ...]]:
+    return transformer_sizes(json.loads(config_json), dtype, fp8=fp8)
 
 
 def estimate_training(config: dict, options: TrainingOptions, *, height: int, width: int, frames: int, rank: int,
@@ -95,8 +107,9 @@ def estimate_training(config: dict, options: TrainingOptions, *, height: int, wi
 
     cfg = TransformerConfig.from_dict(config)
     e = torch.empty((), dtype=dtype).element_size()
-    total, blocks = transformer_sizes(config, dtype, fp8=options.fp8)
-    _, blocks_bf16 = transformer_sizes(config, dtype)
+    key = json.dumps(config, sort_keys=True)
+    total, blocks = _sizes(key, dtype, options.fp8)
+    _, blocks_bf16 = _sizes(key, dtype, False)
     swapped = blocks[len(blocks) - options.swap_blocks:] if options.swap_blocks else ()
     weights = total - sum(swapped) + (2 * max(swapped) if swapped else 0)
 
