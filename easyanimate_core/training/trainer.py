@@ -62,6 +62,7 @@ class _Trainer:
         """A context manager active while the transformer runs a training forward/backward."""
         raise NotImplementedError
 
+    @torch.inference_mode(False)  # ordinary tensors even when called under inference_mode (ComfyUI runs nodes so)
     def step(self, latents: Tensor, prompt_embeds: Tensor, prompt_embeds_2: Tensor, timesteps: Tensor,
              noise: Tensor, inpaint_latents: Tensor | None = None) -> float:
         """One optimizer step on a batch; returns the loss (float). Raises NonFiniteLossError, leaving the
@@ -88,7 +89,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         runner = checkpointed_runner if self.gradient_checkpointing else None
         try:
-            with torch.inference_mode(False), torch.enable_grad(), self._hooks(), blocks_runner(transformer, runner):
+            with torch.enable_grad(), self._hooks(), blocks_runner(transformer, runner):
                 pred = transformer(noisy, timesteps.float(), prompt_embeds, encoder_hidden_states_t5=prompt_embeds_2,
                                    inpaint_latents=inpaint_latents, image_rotary_emb=rope)
                 loss = objective.masked_mse(pred, target)
@@ -134,6 +135,7 @@ class _Trainer:
         """Optimizer state and step counter (for `torch.save`), to resume exactly."""
         return {"global_step": self.global_step, "optimizer": self.optimizer.state_dict()}
 
+    @torch.inference_mode(False)
     def load_training_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state["global_step"])
@@ -151,9 +153,10 @@ class LoraTrainer(_Trainer):
                  eps: float = 1e-8, max_grad_norm: float = objective.MAX_GRAD_NORM, warmup_steps: int = 0,
                  seed: int | None = None, gradient_checkpointing: bool = False):
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        self.adapter = LoraAdapter(pipe.transformer, rank, alpha, targets, generator)
-        if initial_lora is not None:
-            self.adapter.load_kohya(_as_state(initial_lora))
+        with torch.inference_mode(False):  # ordinary tensors even when called under inference_mode (ComfyUI)
+            self.adapter = LoraAdapter(pipe.transformer, rank, alpha, targets, generator)
+            if initial_lora is not None:
+                self.adapter.load_kohya(_as_state(initial_lora))
         super().__init__(pipe, list(self.adapter.parameters()), lr, weight_decay=weight_decay, betas=betas, eps=eps,
                          max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
                          gradient_checkpointing=gradient_checkpointing)
@@ -193,6 +196,8 @@ class FullTrainer(_Trainer):
             raise UnsupportedRequestError("full fine-tuning needs a transformer without fp8 weights; load it in "
                                           "fp32 or bf16")
         for p in params:
+            if p.is_inference():
+                raise UnsupportedRequestError("full fine-tuning needs a model loaded outside inference_mode")
             p.requires_grad_(True)
         super().__init__(pipe, params, lr, weight_decay=weight_decay, betas=betas, eps=eps,
                          max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
