@@ -112,3 +112,13 @@ def test_cancel_saves_what_was_trained(comfy):
     assert "execution_interrupted" in [name for name, _ in entry["status"]["messages"]]
     with safe_open(str(comfy.base / "models" / "loras" / "cancelled.safetensors"), "pt") as f:
         assert 3 <= int(f.metadata()["ss_steps"]) < 5000
+
+
+def test_training_nodes_are_registered_with_tooltips_and_help(comfy):
+    info = comfy.object_info()
+    for node_id in ("EasyAnimateTrainingDataset", "EasyAnimateTrainLoRA"):
+        node = info[node_id]
+        assert node["category"] == "EasyAnimate/training" and node["description"]
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        assert all(options.get("tooltip") for _, options in inputs.values()), node_id
+    assert info["EasyAnimateTrainLoRA"]["output"] == ["EASYANIMATE_MODEL", "STRING", "IMAGE"]
