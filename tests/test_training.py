@@ -363,3 +363,26 @@ def test_planner_fits_12b_on_24gb_and_7b_on_16gb():
     fp8 = estimate_training(TRANSFORMER_12B, TrainingOptions(True, True), **kw).peak
     swap = estimate_training(TRANSFORMER_12B, TrainingOptions(True, True, 20), **kw).peak
     assert plain > ckpt > fp8 > swap
+
+
+def test_full_fine_tune_trains_every_weight_and_saves_a_loadable_transformer(tmp_path, tiny_model_dir):
+    from easyanimate_core.loading import load_weights_into, validate_model_dir
+    from easyanimate_core.models.transformer import EasyAnimateTransformer3D
+    from easyanimate_core.training import FullTrainer
+
+    pipe = load_pipeline(tiny_model_dir("t2v"))  # a private copy: full training changes the model
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    trainer = FullTrainer(pipe, lr=1e-3)
+    batch = _batch(pipe, frames=1)
+    losses = [trainer.step(*batch) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    changed = [k for k, v in pipe.transformer.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(before)
+    out = trainer.save(tmp_path / "diffusion_pytorch_model.safetensors", metadata={"steps": "5"})
+    trainer.finish()
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    files = validate_model_dir(tiny_model_dir("t2v"))
+    with torch.device("meta"):
+        fresh = EasyAnimateTransformer3D.from_config_dict(files.transformer_config)
+    fresh = load_weights_into(fresh, (out,), dtype=torch.float32)
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in fresh.state_dict().items())
