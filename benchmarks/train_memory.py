@@ -1,19 +1,19 @@
 """CPU peak memory of one LoRA training step with each memory option, against the trainable state's bytes.
 
-Run: `python benchmarks/train_memory.py` (about a minute on 2 cores).
+Run: `python benchmarks/train_memory.py` (a few minutes on 2 cores).
 
 Each configuration runs in a fresh child process: a random mid-size V5 transformer (8 heads x 64 = hidden
-512, 8 MMDiT blocks, about 63 M weights; float32 compute on the CPU), a rank-32 LoRA on every Linear,
-latents [1, 16, 5, 32, 32] (1280 video + 333 text tokens). The peak resident memory of the second
-training step (VmHWM reset through /proc/self/clear_refs just before it, so model building and the
-first step's one-off allocations do not count) is reported minus the resident memory before the step,
-i.e. what the step itself adds, and in total.
+512, 6 MMDiT blocks, about 43 M weights; float32 compute on the CPU), a rank-32 LoRA on every Linear,
+latents [1, 16, 3, 32, 32] (768 video + 333 text tokens). The peak resident memory of the first
+training step (VmHWM reset through /proc/self/clear_refs just before it, so building the model does not
+count) is reported minus the resident memory before the step, i.e. what the step adds (activations,
+gradients, AdamW state, temporaries), and in total.
 Reference measured in the same run: the bytes of the trainable state (LoRA parameters + gradients +
 AdamW's two moments, all float32 = 16 bytes per parameter).
 
 Options: gradient checkpointing (per block, through blocks_runner); fp8 storage of the frozen block
 weights (fp8.py; the resident weights shrink, but each Linear's dequantised weight is saved for the
-backward unless checkpointing recomputes it); block swap of the last 4 blocks (block_swap.py; on the
+backward unless checkpointing recomputes it); block swap of the last 3 blocks (block_swap.py; on the
 CPU the swapped weights stay in CPU memory, so it cannot lower CPU RSS: it is listed to show it adds
 nothing; its saving is GPU memory, estimated by easyanimate_core.training.planner). Also prints the
 planner's 12B/7B estimates.
@@ -35,7 +35,7 @@ from easyanimate_core.models.transformer import EasyAnimateTransformer3D, Transf
 from easyanimate_core.training import LoraTrainer
 opts = json.loads(sys.argv[2])
 torch.manual_seed(0)
-cfg = TransformerConfig(num_attention_heads=8, attention_head_dim=64, num_layers=8, mmdit_layers=8,
+cfg = TransformerConfig(num_attention_heads=8, attention_head_dim=64, num_layers=6, mmdit_layers=6,
                         time_embed_dim=128, text_embed_dim=64, text_embed_dim_t5=96)
 model = EasyAnimateTransformer3D(cfg)
 with torch.no_grad():
@@ -55,15 +55,14 @@ pipe.scheduler_config = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "b
                          "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
 trainer = LoraTrainer(pipe, rank=32, alpha=32.0, lr=1e-4, seed=0, gradient_checkpointing=opts["ckpt"])
 g = torch.Generator().manual_seed(0)
-batch = (torch.randn(1, 16, 5, 32, 32, generator=g), torch.randn(1, 77, 64, generator=g),
-         torch.randn(1, 256, 96, generator=g), torch.tensor([500]), torch.randn(1, 16, 5, 32, 32, generator=g))
-trainer.step(*batch)
+batch = (torch.randn(1, 16, 3, 32, 32, generator=g), torch.randn(1, 77, 64, generator=g),
+         torch.randn(1, 256, 96, generator=g), torch.tensor([500]), torch.randn(1, 16, 3, 32, 32, generator=g))
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 import gc, time; gc.collect()
-before = status("VmRSS:")
+before = status("VmRSS:")  # the model, the LoRA and the inputs; nothing of a step yet
 open("/proc/self/clear_refs", "w").write("5")
 t = time.perf_counter()
 trainer.step(*batch)
@@ -78,8 +77,8 @@ CONFIGS = [
     ("checkpointing", dict(ckpt=True, fp8=False, swap=0)),
     ("fp8", dict(ckpt=False, fp8=True, swap=0)),
     ("fp8 + checkpointing", dict(ckpt=True, fp8=True, swap=0)),
-    ("block swap 4/8 (+ checkpointing)", dict(ckpt=True, fp8=False, swap=4)),
-    ("fp8 + block swap 4/8 (+ checkpointing)", dict(ckpt=True, fp8=True, swap=4)),
+    ("block swap 3/6 (+ checkpointing)", dict(ckpt=True, fp8=False, swap=3)),
+    ("fp8 + block swap 3/6 (+ checkpointing)", dict(ckpt=True, fp8=True, swap=3)),
 ]
 
 

@@ -386,3 +386,17 @@ def test_full_fine_tune_trains_every_weight_and_saves_a_loadable_transformer(tmp
         fresh = EasyAnimateTransformer3D.from_config_dict(files.transformer_config)
     fresh = load_weights_into(fresh, (out,), dtype=torch.float32)
     assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+def test_cli_full_fine_tune_writes_a_loadable_model_folder(tmp_path, tiny_model_dir):
+    from easyanimate_core.__main__ import main
+
+    data = write_style_images(tmp_path / "data", n=2)
+    out = tmp_path / "trained_model"
+    assert main(["train-lora", "--full", "--model", str(tiny_model_dir("t2v")), "--data", str(data), "--out", str(out),
+                 "--steps", "3", "--lr", "1e-3", "--resolution", "64", "--frames", "1"]) == 0
+    trained = load_pipeline(out)
+    base = load_pipeline(tiny_model_dir("t2v"))
+    assert not torch.equal(trained.transformer.proj_out.weight, base.transformer.proj_out.weight)
+    assert torch.equal(trained.vae.state_dict()["decoder.conv_out.weight"], base.vae.state_dict()["decoder.conv_out.weight"])
+    assert (out / "train_log.csv").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UnsupportedRequestError
 from .adapter import TARGET_SETS
 
 
@@ -46,6 +47,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(turns on gradient checkpointing)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--resume", action="store_true", help="continue from --out and its .state.pt")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tune instead of a LoRA (small models, e.g. test models): every transformer weight "
+                        "trains and --out is a new model folder (the other components are copied)")
     p.add_argument("--log", default=None, help="CSV loss log (default <out>.csv)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="frozen weights and activations "
@@ -57,7 +61,7 @@ def run(args) -> int:
     from .. import load_pipeline
     from .cache import DEFAULT_CACHE_DIR, PipelineEncoders, build_cache
     from .dataset import DatasetSettings, scan_folder
-    from .loop import TrainConfig, train_lora
+    from .loop import TrainConfig, train_full, train_lora
 
     from tqdm import tqdm
 
@@ -88,6 +92,17 @@ def run(args) -> int:
           f"{time.perf_counter() - t0:.1f}s", flush=True)
 
     out = Path(args.out)
+    if args.full:
+        if args.fp8 or args.swap_blocks or args.resume:
+            raise UnsupportedRequestError("--full trains every weight: it cannot use --fp8, --swap-blocks or --resume")
+        with tqdm(total=config.steps, desc="full fine-tune", unit="step") as bar:
+            result = train_full(pipe, samples, empty, config, out, vae_scaling_factor=pipe.vae.scaling_factor,
+                                callback=lambda step, total, loss: (bar.update(step - bar.n),
+                                                                    bar.set_postfix(loss=f"{loss:.4f}")),
+                                log_csv=args.log or out / "train_log.csv")
+        print(f"wrote the model folder {out} after {result.steps_done} steps (last loss {result.losses[-1]:.4f})",
+              flush=True)
+        return 0
     with tqdm(total=config.steps, desc="training", unit="step") as bar:
         def progress(step, total, loss):
             bar.n = step

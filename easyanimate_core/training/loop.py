@@ -103,6 +103,20 @@ def _inpaint_latents(sample: CachedSample, latents: torch.Tensor, draw: torch.Ge
     return torch.cat([zeros[:, :1], blank], dim=1) * scaling
 
 
+def _draw_batch(sample: CachedSample, pipe, empty_caption, config: TrainConfig, draw: torch.Generator,
+                noise_rng: torch.Generator, vae_scaling_factor: float):
+    """(latents, bert, t5, timesteps, noise, inpaint) for one step, drawing in a fixed order from the seeds."""
+    latents = (sample.mean + sample.std * torch.randn(sample.mean.shape, generator=draw)) * vae_scaling_factor
+    bert, t5 = sample.bert, sample.t5
+    if float(torch.rand((), generator=draw)) < config.caption_dropout:
+        bert, t5 = empty_caption
+    inpaint = (_inpaint_latents(sample, latents, draw, vae_scaling_factor)
+               if pipe.transformer.config.in_channels == 33 else None)
+    noise = torch.randn(latents.shape, generator=noise_rng)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=noise_rng)
+    return latents, bert, t5, timesteps, noise, inpaint
+
+
 def train_lora(pipe, samples: list[CachedSample], empty_caption: tuple[torch.Tensor, torch.Tensor],
                config: TrainConfig, out, *, resume: bool = False, base_model: str = "",
                log_csv=None, callback: Callable[[int, int, float], None] | None = None,
@@ -172,16 +186,8 @@ def train_lora(pipe, samples: list[CachedSample], empty_caption: tuple[torch.Ten
                     order = _schedule(samples, order_rng)
                 sample = samples[order[0]]
                 started = time.perf_counter()
-                latents = (sample.mean + sample.std * torch.randn(sample.mean.shape, generator=draw)) \
-                    * vae_scaling_factor
-                bert, t5 = sample.bert, sample.t5
-                if float(torch.rand((), generator=draw)) < config.caption_dropout:
-                    bert, t5 = empty_caption
-                inpaint = (_inpaint_latents(sample, latents, draw, vae_scaling_factor)
-                           if pipe.transformer.config.in_channels == 33 else None)
-                noise = torch.randn(latents.shape, generator=noise_rng)
-                timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=noise_rng)
-                loss = trainer.step(latents, bert, t5, timesteps, noise, inpaint)
+                batch = _draw_batch(sample, pipe, empty_caption, config, draw, noise_rng, vae_scaling_factor)
+                loss = trainer.step(*batch)
                 order.pop(0)
                 losses.append(loss)
                 log.write(trainer.global_step, loss, trainer.optimizer.param_groups[0]["lr"], trainer.last_grad_norm,
@@ -227,3 +233,62 @@ class _CsvLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def train_full(pipe, samples: list[CachedSample], empty_caption, config: TrainConfig, out_dir, *,
+               callback: Callable[[int, int, float], None] | None = None, vae_scaling_factor: float = 0.7125,
+               log_csv=None) -> TrainResult:
+    """Fine-tune every transformer weight (small models: test models) and write a complete model folder.
+
+    `out_dir` gets the source model folder's other components (copied) and the trained transformer.
+    Seeds, sampling order and the objective are those of train_lora; rank/alpha/targets are unused.
+    """
+    import shutil
+
+    from .trainer import FullTrainer
+
+    config.validate()
+    if getattr(pipe, "model_dir", None) is None:
+        raise UnsupportedRequestError("full fine-tuning writes a model folder and needs the source folder "
+                                      "(a pipeline from load_pipeline)")
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(pipe.model_dir).resolve():
+        raise UnsupportedRequestError("--out must be a new folder, not the source model folder")
+    order_rng = random.Random(config.seed)
+    draw = torch.Generator().manual_seed(config.seed + 1)
+    noise_rng = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    with torch.inference_mode(False), pipe._use("transformer"):
+        trainer = FullTrainer(pipe, config.lr, warmup_steps=config.warmup_steps,
+                              gradient_checkpointing=config.gradient_checkpointing)
+        log = _CsvLog(log_csv, append=False)
+        order: list[int] = []
+        try:
+            while trainer.global_step < config.steps:
+                if not order:
+                    order = _schedule(samples, order_rng)
+                started = time.perf_counter()
+                loss = trainer.step(*_draw_batch(samples[order.pop(0)], pipe, empty_caption, config, draw,
+                                                 noise_rng, vae_scaling_factor))
+                losses.append(loss)
+                log.write(trainer.global_step, loss, trainer.optimizer.param_groups[0]["lr"], trainer.last_grad_norm,
+                          time.perf_counter() - started)
+                if callback is not None:
+                    callback(trainer.global_step, config.steps, loss)
+        finally:
+            log.close()
+        source = Path(pipe.model_dir)
+        for item in source.iterdir():
+            target = out_dir / item.name
+            if item.name == "transformer":
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item / "config.json", target / "config.json")
+            elif item.is_dir():
+                shutil.copytree(item, target, dirs_exist_ok=True)
+            else:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target)
+        path = trainer.save(out_dir / "transformer" / "diffusion_pytorch_model.safetensors",
+                            {"ss_steps": str(trainer.global_step), "ss_base_model": source.name})
+        trainer.finish()
+    return TrainResult(path, trainer.global_step, losses)
