@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--swap-blocks", type=int, default=None, metavar="N",
                      help="transformer blocks to swap with --memory block_swap/fp8_block_swap (default: the fewest "
                           "that fit); alone, it means --memory block_swap")
+
+    from .training.cli import add_parser as add_train_lora
+
+    add_train_lora(sub)
     return parser
 
 
@@ -154,6 +158,10 @@ def main(argv=None) -> int:
             load_tokenizers(files.root)  # damaged tokenizer files are found here, not at the first prompt
             print(f"{files.root}: EasyAnimate V5 {files.kind} model, all files present")
             return 0
+        if args.command == "train-lora":
+            from .training.cli import run as train_lora
+
+            return train_lora(args)
         return _generate(args)
     except (EasyAnimateError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

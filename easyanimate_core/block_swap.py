@@ -65,7 +65,7 @@ class _Entry:
     nbytes: int
     dtype: torch.dtype
     shape: tuple
-    held: Tensor | None = None  # the placeholder the module held before a copy was installed
+    held: Tensor | None = None  # the placeholder (Parameter object or buffer) held before a copy was installed
 
     @property
     def current(self) -> Tensor | None:
@@ -78,6 +78,21 @@ class _Entry:
             self.module._parameters[self.name].data = tensor
         else:
             self.module._buffers[self.name] = tensor
+
+    def install(self, tensor: Tensor) -> None:
+        """Put a slot copy in for one forward, keeping the placeholder in `held`. A parameter gets a fresh
+        Parameter object around the copy (not `.data =`): autograd may have saved the object during a
+        training forward, and it must keep seeing these values after `uninstall` (checkpointed backward)."""
+        table = self.module._parameters if self.is_param else self.module._buffers
+        self.held = table[self.name]
+        table[self.name] = nn.Parameter(tensor, requires_grad=False) if self.is_param else tensor
+
+    def uninstall(self) -> None:
+        """The placeholder back (the module's own Parameter object)."""
+        if self.held is not None and self.exists():
+            table = self.module._parameters if self.is_param else self.module._buffers
+            table[self.name] = self.held
+        self.held = None
 
     def exists(self) -> bool:
         table = self.module._parameters if self.is_param else self.module._buffers
@@ -295,8 +310,7 @@ class BlockSwap:
                 torch.cuda.current_stream(device).wait_event(load.ready)
                 load.ready = None
             for e, tensor in zip(load.entries, load.tensors):
-                e.held = e.current
-                e.put(tensor)
+                e.install(tensor)
             if index + 1 in self._packed:
                 self._load(index + 1, device)  # prefetch: copies while this block computes
         return hook
@@ -352,10 +366,7 @@ class BlockSwap:
         if load is None:
             return
         for e in load.entries:  # also those of a partly installed block (a pre-hook that failed midway)
-            if e.held is not None:
-                if e.exists():
-                    e.put(e.held)
-                e.held = None
+            e.uninstall()
 
     def _check_structure(self) -> None:
         """Fail clearly if a swapped block's placeholder was replaced by real data behind our back."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loaders, long_video, sampling, vae
+from . import conditioning, loaders, long_video, sampling, training, vae
 
 loaders.register_model_folder()
 
@@ -21,6 +21,8 @@ NODES = [
     vae.VAEDecode,
     vae.VAEEncode,
     long_video.LongVideoSampler,
+    training.TrainingDataset,
+    training.TrainLora,
 ]
 
 

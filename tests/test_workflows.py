@@ -411,6 +411,10 @@ def shrink_for_tiny_models(api: dict) -> int:
                 expected = SHRUNK_LONG["total_frames"]
         elif kind == "EasyAnimateLoraLoader":
             inputs["lora_name"] = TINY_LORAS["kohya"]
+        elif kind == "EasyAnimateTrainingDataset":
+            inputs.update(resolution=64, image_resolution=64, max_frames=1)
+        elif kind == "EasyAnimateTrainLoRA":
+            inputs.update(steps=2, save_every=0)
         elif kind == "LoadImage":
             inputs["image"] = "end.png" if "end_image" in consumers.get(nid, ()) else "start.png"
         elif kind == "LoadImageMask":
