@@ -129,7 +129,8 @@ class Sampler(io.ComfyNode):
             notes.extend(cond.notes)
         if model.loras:
             notes.append("LoRA: " + lora_report.summary().replace("\n", "; "))
-        return io.NodeOutput({"samples": final.float().cpu()}, ui=ui_text(notes))
+        # LATENT holds unscaled VAE latents, ComfyUI's convention (its samplers scale by the latent format).
+        return io.NodeOutput({"samples": final.float().cpu() / vae.vae.scaling_factor}, ui=ui_text(notes))
 
 
 def _preview_decoder(model):
