@@ -165,6 +165,8 @@ def test_context_windows_make_a_video_twice_the_window(comfy, kind):
                     "inputs": {"model": ["10", 0], "context_length": 5, "context_overlap": 1,
                                "context_schedule": "standard_static", "context_stride": 1, "closed_loop": False,
                                "fuse_method": "pyramid"}}
+    if comfy.version != "0.3.75":  # inputs added since
+        prompt["12"]["inputs"].update(freenoise=False, retain_first_frame=False, split_conds_to_windows=False)
     latent = ("3", 0)
     positive, negative = ("11", 0), ("11", 1)
     if kind == "inpaint":
@@ -214,7 +216,7 @@ def test_video_conditioning_with_ksampler_equals_our_image_to_video(comfy):
     entry = run_ok(comfy, prompt)
     distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
     print(f"\n[native] ComfyUI {comfy.version}: InP first+last frame, KSampler vs ours: relative L2 {distance:.2e}")
-    assert distance < 1e-4
+    assert distance < 1e-3
 
 
 def test_ksampler_output_decodes_with_our_vae_decode(comfy):
