@@ -240,17 +240,20 @@ def test_a_four_channel_latent_names_what_to_connect(comfy):
     assert "EasyAnimate Empty Video Latent" in error["exception_message"]
 
 
-def test_our_text_encode_is_needed_for_conditioning(comfy):
-    """A CONDITIONING without mT5 states (any other family's text encoder) is refused, naming our node."""
+def test_a_clip_conditioning_of_another_family_names_our_text_encoder(comfy):
+    """Core conditioning nodes that keep the entries work; a CLIP text conditioning of another model family
+    (ComfyUI's LotusConditioning: SD 2's CLIP-H states of an empty prompt, no model needed) is refused."""
     prompt = base_nodes()
     prompt["12"] = {"class_type": "ConditioningSetTimestepRange",
                     "inputs": {"conditioning": ["11", 0], "start": 0.0, "end": 1.0}}
     prompt["20"] = ksampler(positive=("12", 0), steps=1)
     prompt["30"] = save_latent("20", "ok_range")
-    run_ok(comfy, prompt)  # core conditioning nodes that keep the entries work
-    prompt["20"] = ksampler(positive=("2", 0), steps=1)
-    status, answer = comfy.queue(prompt)
-    assert status == 400, "the server should refuse EASYANIMATE_TEXT where CONDITIONING is expected"
+    run_ok(comfy, prompt)
+    prompt["13"] = {"class_type": "LotusConditioning", "inputs": {}}
+    prompt["20"] = ksampler(positive=("13", 0), steps=1)
+    error = run_error(comfy, prompt)
+    assert "not from EasyAnimate" in error["exception_message"]
+    assert "EasyAnimate Text Encode (Conditioning)" in error["exception_message"]
 
 
 def test_image_conditioning_on_a_t2v_model_says_which_model_to_load(comfy):
@@ -282,3 +285,24 @@ def test_our_sampler_after_ksampler_on_the_same_model_is_unchanged(comfy, tiny_p
                                          num_inference_steps=2, seed=3)
     assert (saved_latent(comfy, entry, "31") - core.latents).abs().max() <= 1e-5
     assert node_texts(entry, "21")
+
+
+def test_fp8_weights_refuse_comfyui_lora_patches_and_take_our_lora_node(comfy):
+    prompt = base_nodes(memory_mode="fp8")
+    prompt["12"] = {"class_type": "LoraLoaderModelOnly",
+                    "inputs": {"model": ["10", 0], "lora_name": TINY_LORAS["kohya"], "strength_model": 0.7}}
+    prompt["20"] = ksampler(model=("12", 0), steps=1)
+    prompt["30"] = save_latent("20", "fp8_refused")
+    error = run_error(comfy, prompt)
+    assert "fp8 weights" in error["exception_message"] and "EasyAnimate LoRA node" in error["exception_message"]
+    prompt = base_nodes(memory_mode="fp8")
+    prompt["13"] = {"class_type": "EasyAnimateLoraLoader", "inputs": {"model": ["1", 0],
+                                                                      "lora_name": TINY_LORAS["kohya"], "strength": 0.7}}
+    prompt["14"] = {"class_type": "EasyAnimateToComfyModel", "inputs": {"model": ["13", 0]}}
+    prompt["20"] = ksampler(model=("14", 0), steps=2)
+    prompt["21"] = our_sampler(model=("13", 0), steps=2)
+    prompt["30"], prompt["31"] = save_latent("20", "fp8_lora_native"), save_latent("21", "fp8_lora_ours")
+    entry = run_ok(comfy, prompt)
+    distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
+    print(f"\n[native] ComfyUI {comfy.version}: fp8 + EasyAnimate LoRA, KSampler vs ours: relative L2 {distance:.2e}")
+    assert distance < 1e-3
