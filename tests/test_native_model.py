@@ -306,3 +306,40 @@ def test_fp8_weights_refuse_comfyui_lora_patches_and_take_our_lora_node(comfy):
     distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
     print(f"\n[native] ComfyUI {comfy.version}: fp8 + EasyAnimate LoRA, KSampler vs ours: relative L2 {distance:.2e}")
     assert distance < 1e-3
+
+
+def test_ksampler_sends_comfyuis_own_latent_previews(comfy):
+    """ComfyUI's latent2rgb previews (the server runs with --preview-method auto) use our fitted factors."""
+    import io
+    import json
+
+    import websocket
+    from PIL import Image
+
+    client_id = "native-preview-test"
+    prompt = base_nodes()
+    prompt["20"] = ksampler(steps=4, seed=2)
+    prompt["30"] = save_latent("20", "previewed")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
+    try:
+        status, answer = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200, answer
+        previews = []
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                start = message.find(b"\xff\xd8")
+                if 0 <= start < 64:
+                    previews.append(Image.open(io.BytesIO(message[start:])))
+                continue
+            event = json.loads(message)
+            data = event.get("data", {})
+            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == \
+                    answer["prompt_id"]:
+                break
+    finally:
+        ws.close()
+    assert len(previews) >= 4, f"{len(previews)} preview frames for 4 steps"
+    # ComfyUI's latent2rgb image of the first latent frame, enlarged to 512 px: the video's aspect ratio
+    width, height = previews[-1].size
+    assert width == 512 and abs(width / height - TEST_WIDTH / TEST_HEIGHT) < 0.01
