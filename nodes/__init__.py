@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loaders, long_video, sampling, training, vae
+from . import conditioning, loaders, long_video, native, sampling, training, vae
 
 loaders.register_model_folder()
 
@@ -23,6 +23,7 @@ NODES = [
     long_video.LongVideoSampler,
     training.TrainingDataset,
     training.TrainLora,
+    *native.NODES,
 ]
 
 

@@ -86,7 +86,8 @@ class ManagedModule:
     def offload(self) -> None:
         """Give the memory back: unload through the manager, then empty the allocator's cache."""
         for i, loaded in enumerate(mm.current_loaded_models):
-            if loaded.model is self.patcher:
+            model = loaded.model
+            if model is self.patcher or (model is not None and model.is_clone(self.patcher)):  # samplers load clones
                 mm.current_loaded_models.pop(i).model_unload()
                 break
         else:

@@ -240,11 +240,12 @@ def mask_frames(mask: torch.Tensor, video: torch.Tensor, frames: int, notes: lis
 
 
 def encode_video_latent(vae, frames: torch.Tensor, width: int, height: int) -> dict:
-    """LATENT of a video: samples = posterior mean × scaling; the posterior rides along for video to video."""
+    """LATENT of a video: samples = the posterior mean, unscaled (ComfyUI's convention: samplers apply the latent
+    format's 0.7125); the posterior rides along for the EasyAnimate Sampler's video to video."""
     with vae.module.in_use():
         posterior = encode_frames(vae.vae, frames, height, width, vae.module.device)
         mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-    return {"samples": mean * vae.vae.scaling_factor, "easyanimate_posterior": (mean, std)}
+    return {"samples": mean, "easyanimate_posterior": (mean, std)}
 
 
 class ControlVideo(io.ComfyNode):

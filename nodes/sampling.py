@@ -176,7 +176,9 @@ class Sampler(io.ComfyNode):
         if model.loras:
             notes.append("LoRA: " + lora_report.summary().replace("\n", "; "))
         report("Sampler", warnings)
-        return io.NodeOutput({"samples": final.float().cpu()}, ui=ui_text(notes + warnings))
+        # LATENT holds unscaled VAE latents, ComfyUI's convention (its samplers scale by the latent format).
+        return io.NodeOutput({"samples": final.float().cpu() / vae.vae.scaling_factor},
+                             ui=ui_text(notes + warnings))
 
 
 def _preview_decoder(model):

@@ -24,7 +24,7 @@ class VAEDecode(io.ComfyNode):
             description="Decodes a video latent into frames (an IMAGE batch, one row per frame).",
             inputs=[
                 VaeType.Input("vae", tooltip="From the EasyAnimate Model Loader."),
-                io.Latent.Input("samples", tooltip="From the EasyAnimate Sampler."),
+                io.Latent.Input("samples", tooltip="From the EasyAnimate Sampler, or KSampler with the EasyAnimate MODEL."),
                 io.Boolean.Input("tiling", default=False,
                                  tooltip="Decode in overlapping spatial tiles: bounded memory for large frames, "
                                          "blended seams. Frames are always decoded in causal chunks."),
@@ -47,7 +47,8 @@ class VAEDecode(io.ComfyNode):
                     module.enable_tiling(tile_size)
                 else:
                     module.disable_tiling()
-                frames = decode_latents(module, samples["samples"], vae.module.device)
+                # LATENT samples are unscaled (ComfyUI's convention); decode_latents takes scaled ones
+                frames = decode_latents(module, samples["samples"] * module.scaling_factor, vae.module.device)
             finally:
                 module.use_tiling, module.tile_sample_min_size, module.tile_overlap_factor = saved
         return io.NodeOutput(to_output_images(frames))

@@ -167,11 +167,13 @@ def open_workflow(page, path: Path) -> None:
 def read_back(page) -> dict:
     return page.evaluate("""() => ({
         nodes: app.graph._nodes.map(n => ({
-            id: n.id, type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
+            // Number(): newer frontends (ComfyUI 0.33's) hold ids as strings
+            id: Number(n.id), type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
             widgets: (n.widgets ?? []).map(w => [w.name, w.value]),
         })),
         links: [...(app.graph.links instanceof Map ? app.graph.links.values() : Object.values(app.graph.links))]
-            .filter(l => l).map(l => [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]),
+            .filter(l => l).map(l => [Number(l.id), Number(l.origin_id), l.origin_slot, Number(l.target_id), l.target_slot,
+                                     l.type]),
         dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 500)),
     })""")
 

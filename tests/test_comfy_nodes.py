@@ -127,8 +127,12 @@ def saved_video(comfy, entry, node_id="7"):
     return saved_file(comfy, entry, node_id, "images")
 
 
-def saved_latent(comfy, entry) -> torch.Tensor:
-    return load_file(str(saved_file(comfy, entry, "9", "latents")))["latent_tensor"]
+VAE_SCALING_FACTOR = 0.7125
+
+
+def saved_latent(comfy, entry, node_id="9") -> torch.Tensor:
+    """A saved LATENT (unscaled: ComfyUI's convention) scaled as the core's GenerationResult.latents are."""
+    return load_file(str(saved_file(comfy, entry, node_id, "latents")))["latent_tensor"] * VAE_SCALING_FACTOR
 
 
 # ---------------------------------------------------------------------------------------------- schema

@@ -35,7 +35,14 @@ REQUIRED = {
     "long video (continuation)": ("easyanimate_v5_long_video.json", {"inpaint"}),
     "long video from an image": ("easyanimate_v5_long_video_from_image.json", {"inpaint"}),
     "long control video (windows)": ("easyanimate_v5_long_control.json", {"control"}),
+    "text to video with KSampler": ("easyanimate_v5_ksampler_text_to_video.json", {"inpaint", "t2v"}),
+    "KSampler + EasyCache": ("easyanimate_v5_ksampler_easycache.json", {"inpaint", "t2v"}),
+    "long video with context windows": ("easyanimate_v5_ksampler_context_windows.json", {"inpaint", "t2v"}),
 }
+# ComfyUI's own sampler on our MODEL (easyanimate_v5_ksampler_*): KSampler's values in those workflows
+KSAMPLER_DEFAULTS = {"seed": 43, "steps": 50, "cfg": 6.0, "sampler_name": "ddim", "scheduler": "simple", "denoise": 1.0}
+CONTEXT_WINDOW_NODES = {"WanContextWindowsManual", "ContextWindowsManual"}
+LONG_VIDEO_FRAMES = 97  # the context-window workflow: twice the 49 trained frames (4k+1)
 OFFICIAL_MODEL = re.compile(r"^EasyAnimateV5(\.1)?-(7b|12b)-zh(-InP|-Control)?$")
 OFFICIAL_LORA = re.compile(r"^EasyAnimateV5-(7b|12b)-zh-InP-(HPS2\.1|MPS)\.safetensors$")
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
@@ -324,14 +331,20 @@ def test_easyanimate_widget_values_convert_to_values_our_nodes_accept(path, obje
         assert got == (43, 50, 6.0, "DDIM"), f"{path.name}: sampler (seed, steps, cfg, sampler) {got}, not 43/50/6/DDIM"
         source = api[sampler["latent_image"][0]]["class_type"]
         assert sampler["denoise"] == (0.7 if source == "EasyAnimateVAEEncode" else 1.0), f"denoise with {source}"
+    for ksampler in [n["inputs"] for n in api.values() if n["class_type"] == "KSampler"]:
+        got = {name: ksampler[name] for name in KSAMPLER_DEFAULTS}
+        assert got == KSAMPLER_DEFAULTS, f"{path.name}: KSampler {got}, not {KSAMPLER_DEFAULTS}"
     for lora in by_type.get("EasyAnimateLoraLoader", []):
         assert lora["strength"] == 0.7, f"{path.name}: LoRA strength {lora['strength']}, not the suggested 0.7"
         assert lora["lora_name"] in notes_text(wf), f"{path.name}: the note does not say where to get the LoRA"
-    for text in by_type["EasyAnimateTextEncode"]:
+    texts = by_type.get("EasyAnimateTextEncode", []) + by_type.get("EasyAnimateTextEncodeConditioning", [])
+    assert texts, f"{path.name}: no EasyAnimate text encoder"
+    for text in texts:
         assert text["prompt"].strip(), f"{path.name}: empty prompt"
         assert text["negative_prompt"] == default_negative, f"{path.name}: negative prompt is not the node default"
+    length = LONG_VIDEO_FRAMES if any(n["class_type"] in CONTEXT_WINDOW_NODES for n in api.values()) else 49
     for latent in by_type.get("EasyAnimateEmptyLatent", []):
-        assert (latent["width"], latent["height"], latent["length"]) == (672, 384, 49), f"{path.name}: {latent}"
+        assert (latent["width"], latent["height"], latent["length"]) == (672, 384, length), f"{path.name}: {latent}"
     for i2v in by_type.get("EasyAnimateImageToVideo", []):
         assert (i2v["length"], i2v["size"]) == (49, "bucket 512"), f"{path.name}: {i2v}"
     loaders = by_type["EasyAnimateModelLoader"]
@@ -399,7 +412,7 @@ def shrink_for_tiny_models(api: dict) -> int:
         elif kind == "EasyAnimateVAEEncode":
             inputs["size"] = "input"  # the clip is already 112x64
             expected = round_frames(INPUT_VIDEO_FRAMES)
-        elif kind == "EasyAnimateSampler":
+        elif kind in ("EasyAnimateSampler", "KSampler"):
             inputs["steps"] = SHRUNK_STEPS
         elif kind == "EasyAnimateLongVideoSampler":
             inputs.update(steps=SHRUNK_STEPS, size="explicit", width=TEST_WIDTH, height=TEST_HEIGHT)
@@ -409,6 +422,8 @@ def shrink_for_tiny_models(api: dict) -> int:
             else:
                 inputs.update(SHRUNK_LONG)
                 expected = SHRUNK_LONG["total_frames"]
+        elif kind in CONTEXT_WINDOW_NODES:  # windows of 1 latent frame over the 2 of the shrunk video
+            inputs.update(context_length=1, context_overlap=0)
         elif kind == "EasyAnimateLoraLoader":
             inputs["lora_name"] = TINY_LORAS["kohya"]
         elif kind == "EasyAnimateTrainingDataset":
