@@ -41,7 +41,7 @@ def download_hint(root: Path) -> str:
     """The command that fetches a whole model folder into `root` (named after an official model if it is one)."""
     name = root.name if root.name in OFFICIAL_MODELS else "EasyAnimateV5-12b-zh-InP"
     target = root if root.name in OFFICIAL_MODELS else root.parent / name
-    return (f"Download the whole folder: `huggingface-cli download alibaba-pai/{name} --local-dir {target}` "
+    return (f"Download the whole folder: `hf download alibaba-pai/{name} --local-dir {target}` "
             f"(official models: {', '.join(OFFICIAL_MODELS)}).")
 
 KIND_BY_IN_CHANNELS = {16: "t2v", 33: "inpaint", 32: "control"}

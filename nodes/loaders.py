@@ -15,12 +15,13 @@ import comfy.model_management as mm
 from ..easyanimate_core import auto_dtype, load_pipeline, resolve_dtype
 from ..easyanimate_core.attention import BACKENDS, DEFAULT_BACKEND, get_attention_backend, set_attention_backend
 from ..easyanimate_core.block_swap import enable_block_swap
+from ..easyanimate_core.download import ModelDownloadError, ensure_model, official_name
 from ..easyanimate_core.errors import ModelFolderError, UnsupportedRequestError
-from ..easyanimate_core.loading import EXPECTED_TREE, download_hint, validate_model_dir
+from ..easyanimate_core.loading import EXPECTED_TREE, OFFICIAL_MODELS, download_hint, validate_model_dir
 from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files, requested_mode
 from ..easyanimate_core.models.transformer import compile_transformer_blocks
-from .comfy_bridge import ManagedModule, compute_device, log, offload_device
+from .comfy_bridge import DownloadProgressBar, ManagedModule, compute_device, log, offload_device
 from .types import EasyAnimateModel, EasyAnimateTextEncoders, EasyAnimateVae, ModelType, TextEncodersType, VaeType
 
 FOLDER_KEY = "easyanimate"
@@ -53,14 +54,36 @@ def list_model_folders() -> list[str]:
     return sorted(found)
 
 
+def model_choices() -> list[str]:
+    """The loader's list: the folders found, then the official models not downloaded yet (fetched on first use)."""
+    found = list_model_folders()
+    have = {Path(name).name for name in found}
+    return found + [name for name in OFFICIAL_MODELS if name not in have]
+
+
+def not_downloaded(name: str) -> bool:
+    """An official model the list offers that is not on disk yet (or only partly)."""
+    return official_name(name) == name and not any((root / name / "transformer" / "config.json").is_file()
+                                                   for root in model_roots())
+
+
 def resolve_model_folder(name: str) -> Path:
-    """The folder a combo value names; a clear error with the layout and download command when absent."""
+    """The folder a combo value names, downloading an official model there first when it is absent (with
+    ComfyUI's progress bar; Cancel stops it, and it resumes next time). A clear error with the layout and
+    the download command when it is neither there nor downloadable."""
     roots = model_roots()
     for root in roots:
-        if (root / name).is_dir():
+        if (root / name).is_dir() and not not_downloaded(name):
             return root / name
     searched = "\n".join(f"  {root}" for root in roots)
     target = roots[0] / name if roots else Path(name)
+    if official_name(name) == name and roots:
+        bar = DownloadProgressBar()
+        try:
+            return ensure_model(target, roots[0], progress=bar, announce=lambda line: log.info("EasyAnimate: %s", line))
+        except ModelDownloadError as exc:
+            raise ModelFolderError(f"EasyAnimate model folder '{name}' is not downloaded yet (searched:\n{searched}\n) "
+                                   f"and {exc}\nExpected layout:\n{EXPECTED_TREE}") from exc
     raise ModelFolderError(
         f"EasyAnimate model folder '{name}' was not found. Searched:\n{searched}\n"
         f"Expected layout:\n{EXPECTED_TREE}\n{download_hint(target)}")
@@ -152,10 +175,13 @@ class ModelLoader(io.ComfyNode):
             description="Loads an EasyAnimate V5 model folder (diffusers layout) from models/EasyAnimate/. "
                         "The model kind (text-to-video, InP or Control) travels with the model.",
             inputs=[
-                io.Combo.Input("model_name", options=list_model_folders(),
+                io.Combo.Input("model_name", options=model_choices(),
                                tooltip="A folder under models/EasyAnimate/ (e.g. EasyAnimateV5-12b-zh-InP) holding "
                                        "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                                       "tokenizer_2/ and scheduler/."),
+                                       "tokenizer_2/ and scheduler/. Official models not downloaded yet are listed "
+                                       "too (marked 'not downloaded'): the first run downloads them from the Hugging "
+                                       "Face Hub into models/EasyAnimate/ (tens of GB: the size is printed first), "
+                                       "with the progress bar; Cancel stops it and the next run resumes."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="Weights and compute precision. auto: bf16 on GPUs that support it, fp16 on "
                                        "other GPUs, fp32 on the CPU. With fp16 the VAE runs in fp32 and the text "
