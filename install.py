@@ -49,7 +49,7 @@ def main() -> int:
 
         print(f"EasyAnimate: put model folders in {folder}, e.g.")
         for name in OFFICIAL_MODELS:
-            print(f"  huggingface-cli download alibaba-pai/{name} --local-dir {folder / name}")
+            print(f"  hf download alibaba-pai/{name} --local-dir {folder / name}")
     return 1 if missing else 0
 
 

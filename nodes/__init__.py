@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loaders, sampling, vae
+from . import conditioning, loaders, routes, sampling, vae
 
 loaders.register_model_folder()
+routes.register()
 
 NODES = [
     loaders.ModelLoader,

@@ -82,8 +82,8 @@ def resolve_model_folder(name: str) -> Path:
         try:
             return ensure_model(target, roots[0], progress=bar, announce=lambda line: log.info("EasyAnimate: %s", line))
         except ModelDownloadError as exc:
-            raise ModelFolderError(f"EasyAnimate model folder '{name}' is not downloaded yet (searched:\n{searched}\n) "
-                                   f"and {exc}\nExpected layout:\n{EXPECTED_TREE}") from exc
+            raise ModelFolderError(f"EasyAnimate model folder '{name}' was not found (searched:\n{searched}\n) and "
+                                   f"downloading it failed: {exc}\nExpected layout:\n{EXPECTED_TREE}") from exc
     raise ModelFolderError(
         f"EasyAnimate model folder '{name}' was not found. Searched:\n{searched}\n"
         f"Expected layout:\n{EXPECTED_TREE}\n{download_hint(target)}")

@@ -75,9 +75,15 @@ def test_cli_downloads_an_official_name_then_generates(hub, tmp_path):
     start = len(hub.requests)
     out = tmp_path / "cat.mp4"
     args = ("generate", "--model", INP, "--prompt", "a cat", "--out", out, "--height", 32, "--width", 32,
-            "--frames", 5, "--steps", 2, "--device", "cpu")
+            "--frames", 5, "--steps", 2)
     result = run_cli(*args, cwd=tmp_path, endpoint=hub.url)
     assert result.returncode == 0, result.stdout + result.stderr
+    import torch
+
+    if torch.cuda.is_available():  # no --device: the GPU when there is one, and it says so
+        assert "device: cuda:0 (" in result.stdout
+    else:
+        assert "device: cpu (no CUDA GPU found)" in result.stdout and "a CUDA GPU is much faster" in result.stdout
     folder = tmp_path / "models" / "EasyAnimate" / INP
     lines = result.stdout.splitlines()
     announced = next(i for i, line in enumerate(lines) if line.startswith(f"downloading alibaba-pai/{INP} ("))
@@ -162,3 +168,20 @@ def test_cancel_from_the_progress_callback_is_passed_on_unchanged(hub, tmp_path)
 
     with pytest.raises(Cancelled):
         download_model(T2V, tmp_path / T2V, endpoint=hub.url, progress=cancel)
+
+
+def test_cpu_warning_for_a_12b_model(tmp_path):
+    from types import SimpleNamespace
+
+    from easyanimate_core.__main__ import cpu_warning
+
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    with open(weights, "wb") as f:
+        f.truncate(23_600_000_000)  # a sparse file the size of the 12B transformer in bf16: no disk used
+    message = cpu_warning(SimpleNamespace(transformer_weights=(weights,)))
+    assert "12B model on the CPU needs about 50 GB of RAM and takes hours" in message
+    assert "EasyAnimateV5-7b-zh-InP" in message and "GPU" in message
+    weights.unlink()
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"0" * 1000)
+    assert "50 GB" not in cpu_warning(SimpleNamespace(transformer_weights=(small,)))

@@ -333,7 +333,7 @@ def test_easyanimate_widget_values_convert_to_values_our_nodes_accept(path, obje
     notes = " ".join(str(n["widgets_values"][0]) for n in wf["nodes"] if n["type"] in UI_ONLY_TYPES)
     for loader in loaders:
         name = loader["model_name"]
-        assert name in notes and f"huggingface-cli download alibaba-pai/{name}" in notes, \
+        assert name in notes and f"hf download alibaba-pai/{name}" in notes, \
             f"{path.name}: the note does not say where to get {name}"
 
 
