@@ -115,9 +115,10 @@ def page(comfy, tmp_path_factory):
     except ImportError as err:  # pragma: no cover - environment problem, said plainly
         raise RuntimeError("Playwright is needed for the browser tests: .venv/bin/pip install -r requirements-test.txt"
                            " (never `playwright install`: the tests use /usr/bin/chromium)") from err
+    # the workflows' example inputs (which the pack copied into input/) replaced by the tiny test clips and images,
+    # so the runs stay small; the screenshots show the file names, not their contents
     for name, source in referenced_inputs().items():
-        if not (comfy.input_dir / name).exists():
-            shutil.copyfile(comfy.input_dir / source, comfy.input_dir / name)
+        shutil.copyfile(comfy.input_dir / source, comfy.input_dir / name)
     status, answer = comfy.post("/api/settings", SETTINGS)
     assert status == 200, f"POST /api/settings: {status} {answer}"
 
