@@ -82,9 +82,10 @@ def test_install_script_copies_them_into_comfyui_input(tmp_path):
 
 
 def test_comfyui_has_them_in_input_after_loading_the_pack(comfy):
-    """The pack's import copied them (the fixture only wrote its own test clips there)."""
-    for name in EXAMPLE_INPUTS:
-        assert (comfy.input_dir / name).read_bytes() == (FOLDER / name).read_bytes(), name
-    assert "EasyAnimate: copied the example inputs" in comfy.log()
+    """The pack's import copied them (the fixture only wrote its own test clips there; the browser test may since
+    have put tiny clips under the same names, so the log says what was copied)."""
+    copied = [line for line in comfy.log().splitlines() if "EasyAnimate: copied the example inputs" in line]
+    assert copied and all(name in copied[0] for name in EXAMPLE_INPUTS), comfy.log()[-3000:]
+    assert all((comfy.input_dir / name).is_file() for name in EXAMPLE_INPUTS)
     listed = comfy.get("/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0]
     assert {"start_frame.png", "end_frame.png", "mask.png"} <= set(listed)

@@ -24,14 +24,14 @@ VHS_INFO_PATH = REPO_ROOT.parent / "shared" / "comfyui" / "object_info_vhs.json"
 
 # task → (file, model kinds the workflow may name)
 REQUIRED = {
-    "text to video": ("easyanimate_v5_text_to_video.json", {"t2v"}),
-    "image to video": ("easyanimate_v5_image_to_video.json", {"inpaint"}),
-    "first + last frame": ("easyanimate_v5_first_last_frame.json", {"inpaint"}),
-    "video to video": ("easyanimate_v5_video_to_video.json", {"inpaint", "t2v"}),
-    "region inpaint": ("easyanimate_v5_region_inpaint.json", {"inpaint"}),
-    "control (Canny)": ("easyanimate_v5_control_canny.json", {"control"}),
-    "control (pose video)": ("easyanimate_v5_control_pose.json", {"control"}),
-    "text to video + LoRA": ("easyanimate_v5_text_to_video_lora.json", {"inpaint", "t2v"}),
+    "text to video": ("EasyAnimate V5 - Text to Video.json", {"t2v"}),
+    "image to video": ("EasyAnimate V5 - Image to Video.json", {"inpaint"}),
+    "first + last frame": ("EasyAnimate V5 - First and Last Frame.json", {"inpaint"}),
+    "video to video": ("EasyAnimate V5 - Video to Video.json", {"inpaint", "t2v"}),
+    "region inpaint": ("EasyAnimate V5 - Region Inpaint.json", {"inpaint"}),
+    "control (Canny)": ("EasyAnimate V5 - Control with Canny Edges.json", {"control"}),
+    "control (pose video)": ("EasyAnimate V5 - Control with a Pose Video.json", {"control"}),
+    "text to video + LoRA": ("EasyAnimate V5 - Text to Video with a LoRA.json", {"inpaint", "t2v"}),
 }
 OFFICIAL_MODEL = re.compile(r"^EasyAnimateV5(\.1)?-(7b|12b)-zh(-InP|-Control)?$")
 OFFICIAL_LORA = re.compile(r"^EasyAnimateV5-(7b|12b)-zh-InP-(HPS2\.1|MPS)\.safetensors$")
