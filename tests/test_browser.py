@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -44,13 +45,16 @@ from test_workflows import WORKFLOWS, convert, load, shrink_for_tiny_models, vhs
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-VIEWPORT = {"width": 1600, "height": 900}
+VIEWPORT = {"width": 1600, "height": 1000}
 SCALE = 2  # device pixels per CSS pixel: a fitted 3000-px-wide workflow is drawn at ~40 %, its text stays sharp
 # no first-run templates dialog over the graph; full detail at any zoom (the frontend otherwise draws nodes as
 # empty boxes once their text would be under 8 px); no FPS/node-count overlay in the screenshots
 SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Graph.CanvasInfo": False}
 SCREENSHOT_DIR = REPO_ROOT / "docs" / "screenshots"
 UPDATE_SCREENSHOTS = os.environ.get("EASYANIMATE_UPDATE_SCREENSHOTS") == "1"
+SCREENSHOT_VERSION = "0.33"  # the page the screenshots and thumbnails show (the current ComfyUI)
+THUMBNAIL_WIDTH = 512  # workflows/<name>.jpg: the template browser's card picture
+NOTES_WIDGET = "easyanimate_notes"  # web/js/easyanimate.js: a node's returned text, shown under it
 VHS_STUB_NODES = ("VHS_VideoCombine", "VHS_LoadVideo")
 READY = ("() => !!(window.app?.vueAppReady && app.extensionManager?.workflow?.activeWorkflow && app.canvas"
          " && !document.querySelector('.p-blockui-mask'))")
@@ -177,15 +181,33 @@ def read_back(page) -> dict:
     })""")
 
 
-def screenshot(page, stem: str) -> Path:
+def screenshot_name(stem: str) -> str:
+    """docs/screenshots/<slug>.png: 'EasyAnimate V5 - Text to Video' → easyanimate_v5_text_to_video."""
+    return re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_")
+
+
+def write_thumbnail(shot: Path, workflow: Path) -> Path:
+    """workflows/<name>.jpg, the screenshot scaled down for the template browser's card."""
+    from PIL import Image
+
+    target = workflow.with_suffix(".jpg")
+    with Image.open(shot) as image:
+        height = round(image.height * THUMBNAIL_WIDTH / image.width)
+        image.convert("RGB").resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(target, "JPEG", quality=85,
+                                                                                  optimize=True)
+    return target
+
+
+def screenshot(page, workflow: Path, version: str) -> Path:
     page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
-    page.wait_for_timeout(200)
-    shot = page.shots / f"{stem}.png"
+    page.wait_for_timeout(600)  # the fit view animates (0.35 s) on frontend 1.49
+    shot = page.shots / f"{screenshot_name(workflow.stem)}.png"
     page.screenshot(path=str(shot))
-    if UPDATE_SCREENSHOTS:
+    if UPDATE_SCREENSHOTS and version == SCREENSHOT_VERSION:
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, SCREENSHOT_DIR / f"{stem}.png")
+        shutil.copyfile(shot, SCREENSHOT_DIR / shot.name)
+        write_thumbnail(shot, workflow)
     return shot
 
 
@@ -297,7 +319,7 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
     assert not differences, f"{path.name}: app.graphToPrompt() vs comfy-cli's converter:\n" + "\n".join(differences)
 
     # 3. what a user sees
-    screenshot(page, path.stem)
+    screenshot(page, path, comfy.version)
 
     # 4. edit to the tiny models on the page, queue from the page, run
     shrunk = copy.deepcopy(page_prompt)
@@ -330,4 +352,33 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
         frames, size, fps = read_video(video)
         assert (frames, size, fps) == (expected_frames, (TEST_WIDTH, TEST_HEIGHT), 8.0), \
             f"{path.name}: {video} holds {frames} frames {size} at {fps} fps, not {expected_frames} 112x64 at 8"
+
+    # 5. the text our nodes returned is shown under them (web/js/easyanimate.js), never saved nor sent
+    check_notes_under_nodes(page, path, entry)
     print(f"\n[browser] {path.name}: {time.perf_counter() - started:.1f} s, {video.name}: {frames} frames")
+
+
+def check_notes_under_nodes(page, path: Path, entry: dict) -> None:
+    returned = {nid: out["text"] for nid, out in entry["outputs"].items() if out.get("text")}
+    assert returned, f"{path.name}: no node of ours returned a note"
+    page.wait_for_function("""([ids, name]) => ids.every(id => app.graph.getNodeById(Number(id))?.widgets
+        ?.some(w => w.name === name && w.element?.value))""", arg=[list(returned), NOTES_WIDGET])
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    shown = page.evaluate("""([ids, name]) => Object.fromEntries(ids.map(id => {
+        const node = app.graph.getNodeById(Number(id));
+        const widget = node.widgets.find(w => w.name === name);
+        const box = widget.element.getBoundingClientRect();
+        const style = getComputedStyle(widget.element);
+        return [id, {text: widget.element.value, width: box.width, height: box.height,
+                     visible: style.display !== 'none' && style.visibility !== 'hidden' && Number(style.opacity) > 0,
+                     saved: node.serialize().widgets_values?.length ?? 0, widgets: node.widgets.length}];
+    }))""", [list(returned), NOTES_WIDGET])
+    for nid, text in returned.items():
+        got = shown[nid]
+        assert got["text"] == "\n".join(text), f"{path.name} node {nid}: shows {got['text']!r}, returned {text!r}"
+        assert got["visible"] and got["width"] > 50 and got["height"] > 20, f"{path.name} node {nid}: {got}"
+        assert got["saved"] < got["widgets"], f"{path.name} node {nid}: the notes box is saved in the workflow"
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert not [nid for nid, node in prompt.items() if NOTES_WIDGET in node["inputs"]], "the notes box is sent"
+    if UPDATE_SCREENSHOTS:
+        page.screenshot(path=str(page.shots / f"{screenshot_name(path.stem)}_notes.png"))

@@ -91,9 +91,8 @@ def test_inputs_and_outputs_are_list_items_not_tables(our_nodes):
         assert not re.search(r"^\|", text, re.MULTILINE), f"{name}: tables are cut off in the side panel; use lists"
         inputs = section(text, "Inputs")
         for input_name in input_names(entry):
-            assert re.search(rf"^- `{input_name}` — \S[^:]*: \S", inputs, re.MULTILINE), \
+            assert re.search(rf"^- `{input_name}` — \S.*?: \S", inputs, re.MULTILINE), \
                 f"{name}: no '- `{input_name}` — type, default/range: meaning' item under Inputs"
-        outputs = section(text, "Outputs")
-        for output_name in entry.get("output_name", []):
-            assert re.search(rf"^- `{output_name}` — \S[^:]*: \S", outputs, re.MULTILINE), \
-                f"{name}: no '- `{output_name}` — type: meaning' item under Outputs"
+        items = re.findall(r"^- `\w+` — \S.*?: \S", section(text, "Outputs"), re.MULTILINE)
+        assert len(items) == len(entry.get("output", [])), \
+            f"{name}: Outputs should list each of the {len(entry.get('output', []))} outputs as '- `name` — type: meaning'"
