@@ -136,6 +136,8 @@ def page(comfy, tmp_path_factory):
             tab.set_default_timeout(TIMEOUT_MS)
             tab.page_errors = []
             tab.on("pageerror", lambda error: tab.page_errors.append(str(error)))
+            tab.console = []
+            tab.on("console", lambda message: tab.console.append(f"{message.type}: {message.text}"[:500]))
             tab.goto(comfy.url)
             tab.wait_for_function(READY, timeout=TIMEOUT_MS)
             extensions = tab.evaluate("() => app.extensions.map(e => e.name)")
@@ -172,11 +174,11 @@ def open_workflow(page, path: Path) -> None:
 def read_back(page) -> dict:
     return page.evaluate("""() => ({
         nodes: app.graph._nodes.map(n => ({
-            id: n.id, type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
+            id: Number(n.id), type: n.type, registered: LiteGraph.registered_node_types[n.type] !== undefined,
             widgets: (n.widgets ?? []).map(w => [w.name, w.value]),
         })),
         links: [...(app.graph.links instanceof Map ? app.graph.links.values() : Object.values(app.graph.links))]
-            .filter(l => l).map(l => [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]),
+            .filter(l => l).map(l => [Number(l.id), Number(l.origin_id), l.origin_slot, Number(l.target_id), l.target_slot, l.type]),
         dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 500)),
     })""")
 
@@ -214,7 +216,7 @@ def screenshot(page, workflow: Path, version: str) -> Path:
 def set_widget(page, node_id: int, name: str, value) -> None:
     """Edit a widget on the page as a user does: the new value, then the widget's callback."""
     found = page.evaluate("""([id, name, value]) => {
-        const node = app.graph.getNodeById(id);
+        const node = app.graph._nodes.find(n => String(n.id) === String(id));
         const widget = node?.widgets?.find(w => w.name === name);
         if (!widget) return false;
         widget.value = value;
@@ -361,11 +363,19 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
 def check_notes_under_nodes(page, path: Path, entry: dict) -> None:
     returned = {nid: out["text"] for nid, out in entry["outputs"].items() if out.get("text")}
     assert returned, f"{path.name}: no node of ours returned a note"
-    page.wait_for_function("""([ids, name]) => ids.every(id => app.graph.getNodeById(Number(id))?.widgets
-        ?.some(w => w.name === name && w.element?.value))""", arg=[list(returned), NOTES_WIDGET])
+    try:
+        page.wait_for_function("""([ids, name]) => ids.every(id => app.graph._nodes.find(n => String(n.id) === id)
+            ?.widgets?.some(w => w.name === name && w.element?.value))""", arg=[list(returned), NOTES_WIDGET],
+            timeout=20_000)
+    except Exception as error:
+        state = page.evaluate("""(ids) => ({extensions: app.extensions.map(e => e.name).filter(n => /EasyAnimate/.test(n)),
+            widgets: ids.map(id => [id, (app.graph._nodes.find(n => String(n.id) === id)?.widgets ?? []).map(w => w.name)])})""",
+            list(returned))
+        raise AssertionError(f"{path.name}: the notes of nodes {sorted(returned)} are not shown under them: {state}\n"
+                             f"page errors: {page.page_errors[-5:]}\nconsole: {page.console[-10:]}") from error
     page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
     shown = page.evaluate("""([ids, name]) => Object.fromEntries(ids.map(id => {
-        const node = app.graph.getNodeById(Number(id));
+        const node = app.graph._nodes.find(n => String(n.id) === id);
         const widget = node.widgets.find(w => w.name === name);
         const box = widget.element.getBoundingClientRect();
         const style = getComputedStyle(widget.element);

@@ -4,8 +4,8 @@
 //    as ComfyUI's Preview Any does for itself. The box is never saved in the workflow nor sent with the prompt.
 //  * the Model Loader's list marks official models that are not downloaded yet ("… (not downloaded)"):
 //    picking one downloads it on the first run.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const NOTES_WIDGET = "easyanimate_notes";
 const NOT_DOWNLOADED = " (not downloaded)";
