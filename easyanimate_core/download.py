@@ -1,9 +1,11 @@
 """Fetch an official EasyAnimate V5 model folder from the Hugging Face Hub with huggingface_hub.
 
 Only the files the loader reads are fetched (no pickles, no README assets), one after the other into
-`models/EasyAnimate/<name>/`; huggingface_hub keeps partial files under `<name>/.cache/huggingface/`, so an
-interrupted download resumes where it stopped. The total size is known (and reported) before any byte
-is read. Progress goes to a callback, so the CLI prints a bar and the ComfyUI node drives its own.
+`models/EasyAnimate/<name>/`. Resuming: a run after an interrupted one fetches only the files not yet
+complete, and a connection dropped mid-file is resumed from where it broke (huggingface_hub asks for the
+rest with a Range request); a file cut off by Cancel or a stopped process starts again from its beginning
+(huggingface_hub >= 1.0 writes each attempt to a new temporary file). The total size is known (and
+reported) before any byte is read. Progress goes to a callback, so the CLI prints a bar and the ComfyUI node drives its own.
 `HF_ENDPOINT` (read by huggingface_hub) points everything at a mirror.
 """
 from __future__ import annotations
@@ -100,7 +102,7 @@ def manual_download_command(name: str, target: Path | str) -> str:
 
 
 def is_partial_download(folder: Path) -> bool:
-    """A folder an interrupted download of ours (or `hf download --local-dir`) left behind."""
+    """A folder written by huggingface_hub's local-dir download (ours or `hf download`), complete or not."""
     return (folder / PARTIAL_MARKER).is_dir()
 
 

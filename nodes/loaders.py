@@ -15,8 +15,8 @@ import comfy.model_management as mm
 from ..easyanimate_core import auto_dtype, load_pipeline, resolve_dtype
 from ..easyanimate_core.attention import BACKENDS, DEFAULT_BACKEND, get_attention_backend, set_attention_backend
 from ..easyanimate_core.block_swap import enable_block_swap
-from ..easyanimate_core.download import ModelDownloadError, ensure_model, official_name
-from ..easyanimate_core.errors import ModelFolderError, UnsupportedRequestError
+from ..easyanimate_core.download import ModelDownloadError, ensure_model, is_partial_download, official_name
+from ..easyanimate_core.errors import EasyAnimateError, ModelFolderError, UnsupportedRequestError
 from ..easyanimate_core.loading import EXPECTED_TREE, OFFICIAL_MODELS, download_hint, validate_model_dir
 from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files, requested_mode
@@ -61,29 +61,47 @@ def model_choices() -> list[str]:
     return found + [name for name in OFFICIAL_MODELS if name not in have]
 
 
+def _interrupted_download(folder: Path) -> bool:
+    """A folder an interrupted download left with files missing (it resumes on the next run)."""
+    if not is_partial_download(folder):
+        return False
+    try:
+        validate_model_dir(folder)
+    except ModelFolderError:
+        return True
+    except EasyAnimateError:
+        return False  # there, but damaged: the loader says what is wrong with it
+    return False
+
+
 def not_downloaded(name: str) -> bool:
     """An official model the list offers that is not on disk yet (or only partly)."""
-    return official_name(name) == name and not any((root / name / "transformer" / "config.json").is_file()
-                                                   for root in model_roots())
+    if official_name(name) != name:
+        return False
+    folders = [root / name for root in model_roots() if (root / name / "transformer" / "config.json").is_file()]
+    return not folders or all(_interrupted_download(folder) for folder in folders)
 
 
 def resolve_model_folder(name: str) -> Path:
-    """The folder a combo value names, downloading an official model there first when it is absent (with
-    ComfyUI's progress bar; Cancel stops it, and it resumes next time). A clear error with the layout and
-    the download command when it is neither there nor downloadable."""
+    """The folder a combo value names. An official model that is absent, or that an interrupted download left
+    incomplete, is downloaded there first (ComfyUI's progress bar; Cancel stops it, the next run resumes). A
+    clear error with the layout and the download command when it is neither there nor downloadable."""
     roots = model_roots()
-    for root in roots:
-        if (root / name).is_dir() and not not_downloaded(name):
-            return root / name
+    found = next((root / name for root in roots if (root / name).is_dir()), None)
+    official = official_name(name) == name and bool(roots)
+    if found is not None and not official:
+        return found
     searched = "\n".join(f"  {root}" for root in roots)
-    target = roots[0] / name if roots else Path(name)
-    if official_name(name) == name and roots:
-        bar = DownloadProgressBar()
+    target = found or (roots[0] / name if roots else Path(name))
+    if official:
         try:
-            return ensure_model(target, roots[0], progress=bar, announce=lambda line: log.info("EasyAnimate: %s", line))
+            return ensure_model(target, roots[0], progress=DownloadProgressBar(),
+                                announce=lambda line: log.info("EasyAnimate: %s", line))
         except ModelDownloadError as exc:
-            raise ModelFolderError(f"EasyAnimate model folder '{name}' was not found (searched:\n{searched}\n) and "
-                                   f"downloading it failed: {exc}\nExpected layout:\n{EXPECTED_TREE}") from exc
+            where = (f"EasyAnimate model folder {found} is an incomplete download and resuming it failed" if found
+                     else f"EasyAnimate model folder '{name}' was not found (searched:\n{searched}\n) and "
+                          "downloading it failed")
+            raise ModelFolderError(f"{where}: {exc}\nExpected layout:\n{EXPECTED_TREE}") from exc
     raise ModelFolderError(
         f"EasyAnimate model folder '{name}' was not found. Searched:\n{searched}\n"
         f"Expected layout:\n{EXPECTED_TREE}\n{download_hint(target)}")

@@ -4,7 +4,8 @@ Point huggingface_hub at it with HF_ENDPOINT (or endpoint=) and its real downloa
   GET  /api/models/<org>/<name>/tree/<revision>?recursive=true   the file list (paths, sizes, lfs)
   HEAD /<org>/<name>/resolve/<revision>/<path>                    X-Repo-Commit, ETag, Content-Length
   GET  /<org>/<name>/resolve/<revision>/<path>                    the bytes, with Range support (resumes)
-Every request is logged (method, path, Range) so tests can check what was asked, and `cut_after` makes
+Every request is logged (method, path, Range) so tests can check what was asked; `slow` spreads a file's
+transfer over some seconds (time for a Cancel), and `cut_after` makes
 the next transfer of a file stop after N bytes (a dropped line), and optionally the file answer 503
 until `heal()` (a server gone for good).
 """
@@ -14,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +33,7 @@ class HubServer:
         self.cut: dict[str, int] = {}  # repo path -> bytes to send before dropping the connection
         self.broken: set[str] = set()
         self.stay_down = False
+        self.slow: dict[str, float] = {}  # repo path -> seconds to spread its transfer over
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -145,6 +148,13 @@ class HubServer:
                     if hub.stay_down:
                         hub.broken.add(file)
                     self.close_connection = True
+                    return
+                if file in hub.slow:  # in 20 pieces, to leave time for a Cancel mid-file
+                    piece = max(1, (len(data) - start) // 20)
+                    for offset in range(start, len(data), piece):
+                        self.wfile.write(data[offset:offset + piece])
+                        self.wfile.flush()
+                        time.sleep(hub.slow[file] / 20)
                     return
                 self.wfile.write(data[start:])
 

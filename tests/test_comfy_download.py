@@ -17,6 +17,7 @@ from hub_server import HubServer
 from easyanimate_core.loading import OFFICIAL_MODELS
 
 OFFICIAL = "EasyAnimateV5-7b-zh-InP"
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module", params=COMFYUI_VERSIONS, ids=[f"comfyui-{v}" for v in COMFYUI_VERSIONS])
@@ -50,6 +51,33 @@ def graph(model_name: str) -> dict:
     }
 
 
+def test_cancel_stops_a_download_and_the_next_run_resumes_it(served):
+    """Cancel while a file is arriving: the download stops after it (ComfyUI checks Cancel at every progress
+    report, i.e. per file here and per 10 MB chunk of a large one); the next run (the test below) fetches only
+    what is missing."""
+    import time
+
+    server, hub = served
+    slow = "text_encoder/model.safetensors"  # early in the download: the transformer and VAE come later
+    hub.slow[slow] = 4.0
+    try:
+        code, answer = server.post("/prompt", {"prompt": graph(OFFICIAL), "client_id": "download-cancel"})
+        assert code == 200, answer
+        deadline = time.time() + 120
+        while not any(m == "GET" and p.endswith(slow) for m, p, _ in hub.requests):
+            assert time.time() < deadline, "the download never reached " + slow
+            time.sleep(0.05)
+        server.post("/interrupt", {})
+        entry = server.wait(answer["prompt_id"])
+    finally:
+        hub.slow.clear()
+    kinds = [name for name, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    folder = server.models_dir / OFFICIAL
+    assert (folder / slow).is_file() and not (folder / WEIGHTS).exists()  # stopped mid-way, finished files kept
+    assert OFFICIAL in server.get("/easyanimate/models")["not_downloaded"]
+
+
 def test_the_loader_lists_official_models_not_downloaded_and_fetches_one_on_first_use(served):
     import websocket
 
@@ -61,6 +89,9 @@ def test_the_loader_lists_official_models_not_downloaded_and_fetches_one_on_firs
     status = server.get("/easyanimate/models")
     assert set(status["not_downloaded"]) == set(OFFICIAL_MODELS)  # what the page marks "(not downloaded)"
 
+    folder = server.models_dir / OFFICIAL  # after a Cancel (the test above): the files finished before it
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    asked_before = len(hub.requests)
     client_id = "download-test"
     ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=300)
     try:
@@ -82,13 +113,15 @@ def test_the_loader_lists_official_models_not_downloaded_and_fetches_one_on_firs
         ws.close()
     entry = server.wait(answer["prompt_id"])
     assert execution_error(entry) is None, json.dumps(execution_error(entry), indent=1)[:3000]
-    folder = server.models_dir / OFFICIAL
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
     # ComfyUI's progress bar on the loader, in bytes, up to the whole download
     assert progress and progress[-1] == (total, total) and all(m == total for _, m in progress), progress[-3:]
     assert [v for v, _ in progress] == sorted(v for v, _ in progress)
     assert f"downloading alibaba-pai/{OFFICIAL} (" in server.log()  # the size, stated first, in the console
     assert OFFICIAL not in server.get("/easyanimate/models")["not_downloaded"]
+    fetched = {p.split("/resolve/main/", 1)[1] for m, p, _ in hub.requests[asked_before:] if m == "GET"
+               and "/resolve/" in p}
+    assert WEIGHTS in fetched and not fetched & present, f"files already there were fetched again: {fetched & present}"
     # the second run loads the folder without asking the hub
     asked = len(hub.requests)
     entry = server.run(graph(OFFICIAL))
