@@ -15,8 +15,9 @@ Per workflow (workflows/*.json, found by glob), all in one browser session:
 3. a screenshot (focus mode, fit view, 1600x1000) into the test's tmp folder; with EASYANIMATE_UPDATE_SCREENSHOTS=1
    the 0.33 page's one also into docs/screenshots/<slug>.png and, scaled to 512 px, workflows/<name>.jpg (the
    template browser's thumbnail);
-4. the widgets edited on the page to the tiny test models, 112x64, few frames and steps (what
-   test_workflows.shrink_for_tiny_models does to the converted prompt), then queued from the page; the server
+4. the widgets edited on the page to the tiny test models, 112x64, few frames and steps and the test images and
+   clips instead of the example inputs (what test_workflows.shrink_for_tiny_models does to the converted
+   prompt; the screenshot shows the example inputs the pack copied into input/), then queued from the page; the server
    accepts the POST /api/prompt, the run succeeds and the VHS stand-in writes the mp4 the file asks for;
 5. the text each node of ours returned is shown in a box under it (web/js/easyanimate.js), which is neither
    saved in the workflow nor sent with the prompt.
@@ -102,21 +103,6 @@ def prompt_differences(got: dict, want: dict) -> list[str]:
     return problems
 
 
-def referenced_inputs() -> dict[str, str]:
-    """Input file names the workflows' loaders name → the test file (comfy_media) to copy under that name."""
-    files = {}
-    for path in WORKFLOWS:
-        for node in load(path)["nodes"]:
-            values = node["widgets_values"]
-            if node["type"] in ("LoadImage", "LoadImageMask"):
-                name = values[0]  # the mask image: its red channel, a gradient plus a white square
-                files[name] = "end.png" if "end" in name else "start.png"
-            elif node["type"] == "VHS_LoadVideo":
-                name = values["video"]
-                files[name] = "pose.mp4" if "pose" in name else "clip.mp4"
-    return files
-
-
 # ---------------------------------------------------------------------------------------------- the page
 @pytest.fixture(scope="module")
 def page(comfy, tmp_path_factory):
@@ -126,10 +112,6 @@ def page(comfy, tmp_path_factory):
     except ImportError as err:  # pragma: no cover - environment problem, said plainly
         raise RuntimeError("Playwright is needed for the browser tests: .venv/bin/pip install -r requirements-test.txt"
                            " (never `playwright install`: the tests use /usr/bin/chromium)") from err
-    # the workflows' example inputs (which the pack copied into input/) replaced by the tiny test clips and images,
-    # so the runs stay small; the screenshots show the file names, not their contents
-    for name, source in referenced_inputs().items():
-        shutil.copyfile(comfy.input_dir / source, comfy.input_dir / name)
     status, answer = comfy.post("/api/settings", SETTINGS)
     assert status == 200, f"POST /api/settings: {status} {answer}"
 
@@ -348,7 +330,10 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
     shrunk = copy.deepcopy(page_prompt)
     expected_frames = shrink_for_tiny_models(shrunk)
     for nid, node in shrunk.items():
-        if not node["class_type"].startswith("EasyAnimate"):  # the loaders keep the files the workflow names
+        kind = node["class_type"]
+        if kind == "VHS_LoadVideo":  # the example video (49 frames at 448x256) → the 10-frame 112x64 test clip
+            node["inputs"]["video"] = "pose.mp4" if "pose" in node["inputs"]["video"] else "clip.mp4"
+        elif kind not in ("LoadImage", "LoadImageMask") and not kind.startswith("EasyAnimate"):
             shrunk[nid] = copy.deepcopy(page_prompt[nid])
             continue
         for name, value in node["inputs"].items():
