@@ -1,7 +1,8 @@
 """Run by ComfyUI-Manager after `pip install -r requirements.txt` (or by hand: `python install.py`).
 
-Checks that the pack's dependencies import, and creates ComfyUI/models/EasyAnimate/ with the
-download command of each official model. It installs nothing itself.
+Checks that the pack's dependencies import, creates ComfyUI/models/EasyAnimate/ with the download
+command of each official model (the loader also downloads them on first use), and copies the example
+inputs the shipped workflows load into ComfyUI/input/. It installs no package itself.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def models_folder() -> Path | None:
     return PACK_DIR.parent.parent / "models" / "EasyAnimate"
 
 
+def input_folder() -> Path | None:
+    """ComfyUI/input when the pack sits in ComfyUI/custom_nodes/."""
+    return None if PACK_DIR.parent.name != "custom_nodes" else PACK_DIR.parent.parent / "input"
+
+
 def main() -> int:
     sys.path.insert(0, str(PACK_DIR))
     missing = missing_packages()
@@ -47,9 +53,17 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         from easyanimate_core.loading import OFFICIAL_MODELS
 
-        print(f"EasyAnimate: put model folders in {folder}, e.g.")
+        print(f"EasyAnimate: model folders go in {folder}; the Model Loader downloads an official model on "
+              "first use, or download one by hand:")
         for name in OFFICIAL_MODELS:
-            print(f"  huggingface-cli download alibaba-pai/{name} --local-dir {folder / name}")
+            print(f"  hf download alibaba-pai/{name} --local-dir {folder / name}")
+    inputs = input_folder()
+    if inputs is not None:
+        from example_inputs import copy_missing
+
+        copied = copy_missing(inputs)
+        print(f"EasyAnimate: example inputs for the workflows in {inputs}: "
+              + (", ".join(copied) + " copied" if copied else "already there"))
     return 1 if missing else 0
 
 

@@ -9,6 +9,7 @@ import torch
 
 from . import load_pipeline
 from .buckets import BASE_RESOLUTIONS, bucket_size
+from .download import DownloadProgress, ensure_model
 from .errors import EasyAnimateError
 from .loading import validate_model_dir
 from .memory import MEMORY_MODES, requested_mode
@@ -18,15 +19,25 @@ from .samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from .text_loading import load_tokenizers
 
 
+DEFAULT_MODELS_DIR = "models/EasyAnimate"
+MODEL_HELP = ("a model folder (models/EasyAnimate/EasyAnimateV5-12b-zh-InP), or an official model name "
+              "(EasyAnimateV5-7b-zh-InP or alibaba-pai/EasyAnimateV5-7b-zh-InP): official models that are not "
+              "there yet are downloaded from the Hugging Face Hub first (resumable; HF_ENDPOINT selects a mirror)")
+MODELS_DIR_HELP = "where official model names are looked for and downloaded to (default models/EasyAnimate)"
+CPU_HEAVY_BYTES = 20e9  # transformer weights above this (bf16 on disk) are the 12B model
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m easyanimate_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("check", help="validate a model folder and print its kind")
-    info.add_argument("--model", required=True, help="model folder in the original layout")
+    info.add_argument("--model", required=True, help=MODEL_HELP)
+    info.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=MODELS_DIR_HELP)
 
     gen = sub.add_parser("generate", help="generate a video file")
-    gen.add_argument("--model", required=True, help="model folder, e.g. models/EasyAnimate/EasyAnimateV5-12b-zh-InP")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=MODELS_DIR_HELP)
     gen.add_argument("--prompt", required=True, action="append",
                      help="the prompt; with --long, give it several times for one prompt per chunk (or window), "
                           "the last repeating")
@@ -59,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=float, default=8.0)
     gen.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
                      help="decode/encode in spatial tiles of this many pixels (e.g. 384) to bound VAE memory; 0 = off")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--device", default=None, help="default: the first CUDA GPU when there is one, else the CPU")
     gen.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                      help="default bf16 on GPU, fp32 on CPU")
     gen.add_argument("--memory", default="auto", choices=MEMORY_MODES,
@@ -77,8 +88,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_folder(args):
+    """The --model folder, downloaded first when it names an official model that is not there yet."""
+    bar = None
+
+    def progress(info: DownloadProgress) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=info.total, unit="B", unit_scale=True, desc="download", file=sys.stdout)
+            bar.update(info.done)
+        bar.update(info.done - bar.n)
+        bar.set_postfix_str(f"{info.files_done}/{info.files_total} files", refresh=False)
+
+    try:
+        return ensure_model(args.model, args.models_dir, progress=progress,
+                            announce=lambda line: print(line, flush=True))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """--device, or the first CUDA GPU when there is one, else the CPU; says which and why."""
+    if requested:
+        device = torch.device(requested)
+        print(f"device: {device} (--device)", flush=True)
+        return device
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        print(f"device: cuda:0 ({props.name}, {props.total_memory / 1e9:.0f} GB), the GPU found", flush=True)
+        return torch.device("cuda:0")
+    print("device: cpu (no CUDA GPU found)", flush=True)
+    return torch.device("cpu")
+
+
+def cpu_warning(files) -> str | None:
+    """What running this model on the CPU costs, when that is hours and tens of GB."""
+    size = sum(p.stat().st_size for p in files.transformer_weights)
+    if size > CPU_HEAVY_BYTES:
+        return ("warning: a 12B model on the CPU needs about 50 GB of RAM and takes hours per video. "
+                "Use EasyAnimateV5-7b-zh-InP (or -7b-zh), a machine with a CUDA GPU, or fewer --frames/--steps.")
+    return ("note: on the CPU a video takes a long time (tens of minutes to hours); a CUDA GPU is much faster.")
+
+
 def _generate(args) -> int:
-    dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    model_dir = _model_folder(args)
+    files = validate_model_dir(model_dir)
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        print(cpu_warning(files), flush=True)
+    args.device = str(device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     start = read_image(args.start_image) if args.start_image else None
     end = read_image(args.end_image) if args.end_image else None
     video = read_frames(args.video, args.frames) if args.video else None
@@ -96,8 +158,8 @@ def _generate(args) -> int:
     strength = args.strength if args.strength is not None else (0.7 if video is not None and mask is None else 1.0)
 
     t0 = time.perf_counter()
-    print(f"loading {args.model} on {args.device} ({dtype})…", flush=True)
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype,
+    print(f"loading {model_dir} on {args.device} ({dtype})…", flush=True)
+    pipe = load_pipeline(model_dir, device=args.device, dtype=dtype,
                          memory=requested_mode(args.memory, args.swap_blocks), swap_blocks=args.swap_blocks,
                          plan_for=(height, width, args.chunk_frames if args.long else args.frames))
     print(pipe.memory_plan.describe(), flush=True)
@@ -154,7 +216,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
-            files = validate_model_dir(args.model)
+            files = validate_model_dir(_model_folder(args))
             load_tokenizers(files.root)  # damaged tokenizer files are found here, not at the first prompt
             print(f"{files.root}: EasyAnimate V5 {files.kind} model, all files present")
             return 0
@@ -163,7 +225,7 @@ def main(argv=None) -> int:
 
             return train_lora(args)
         return _generate(args)
-    except (EasyAnimateError, FileNotFoundError, ValueError) as exc:
+    except (EasyAnimateError, FileNotFoundError, ValueError) as exc:  # ModelDownloadError is an EasyAnimateError
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

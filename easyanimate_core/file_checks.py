@@ -39,7 +39,7 @@ def repair_hint(damage: str) -> str:
     """What to do about a damaged file."""
     if damage.startswith("a git-lfs pointer"):
         return ("The folder was cloned without git-lfs: run `git lfs install && git lfs pull` inside it, or "
-                "download the folder with `huggingface-cli download` instead.")
+                "download the folder with `hf download` instead.")
     return "Download this file (or the whole folder) again."
 
 

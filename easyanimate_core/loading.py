@@ -50,9 +50,9 @@ def download_hint(root: Path) -> str:
     """The command that fetches the model `root` names into `root`, or the choice of official models."""
     name = official_model_for(root.name)
     if name is not None:
-        return (f"Download the whole folder: `huggingface-cli download alibaba-pai/{name} --local-dir {root}` "
+        return (f"Download the whole folder: `hf download alibaba-pai/{name} --local-dir {root}` "
                 f"(it resumes an interrupted download).")
-    return (f"Download an official model folder: `huggingface-cli download alibaba-pai/<model> --local-dir "
+    return (f"Download an official model folder: `hf download alibaba-pai/<model> --local-dir "
             f"{root.parent}/<model>` with <model> one of {', '.join(OFFICIAL_MODELS)}.")
 
 

@@ -3,9 +3,21 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loaders, long_video, native, sampling, training, vae
+import folder_paths
+
+from ..example_inputs import copy_missing
+from . import conditioning, loaders, long_video, native, routes, sampling, training, vae
+from .comfy_bridge import log
 
 loaders.register_model_folder()
+routes.register()
+try:  # the files the shipped workflows load, so each runs the moment it is dragged in
+    copied = copy_missing(folder_paths.get_input_directory())
+    if copied:
+        log.info("EasyAnimate: copied the example inputs %s into %s", ", ".join(copied),
+                 folder_paths.get_input_directory())
+except OSError as exc:  # a read-only input folder must not stop the nodes from loading
+    log.warning("EasyAnimate: could not copy the example inputs into ComfyUI's input folder: %s", exc)
 
 NODES = [
     loaders.ModelLoader,

@@ -149,6 +149,19 @@ class SamplingProgress:
         return Image.fromarray((frame.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
+class DownloadProgressBar:
+    """Model download progress on ComfyUI's progress bar (in bytes), with the Cancel check."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, info) -> None:
+        check_interrupted()
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(max(info.total, 1))
+        self.bar.update_absolute(info.done, max(info.total, 1))
+
+
 def to_output_images(frames: torch.Tensor) -> torch.Tensor:
     """Core frames → ComfyUI IMAGE: float32 0..1 on the intermediate device."""
     return frames.to(mm.intermediate_device(), torch.float32)

@@ -15,13 +15,14 @@ import comfy.model_management as mm
 from ..easyanimate_core import auto_dtype, load_pipeline, resolve_dtype
 from ..easyanimate_core.attention import BACKENDS, DEFAULT_BACKEND, get_attention_backend, set_attention_backend
 from ..easyanimate_core.block_swap import enable_block_swap
-from ..easyanimate_core.errors import CheckpointError, ModelFolderError, UnsupportedRequestError
-from ..easyanimate_core.loading import (EXPECTED_TREE, PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, download_hint,
+from ..easyanimate_core.download import ModelDownloadError, ensure_model, is_partial_download, official_name
+from ..easyanimate_core.errors import CheckpointError, EasyAnimateError, ModelFolderError, UnsupportedRequestError
+from ..easyanimate_core.loading import (EXPECTED_TREE, OFFICIAL_MODELS, SINGLE_FILE_SUFFIXES, download_hint,
                                         single_file_error, validate_model_dir)
 from ..easyanimate_core.lora import pickle_lora_message, set_loras
 from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files, requested_mode
 from ..easyanimate_core.models.transformer import compile_transformer_blocks
-from .comfy_bridge import ManagedModule, compute_device, log, offload_device
+from .comfy_bridge import DownloadProgressBar, ManagedModule, compute_device, log, offload_device
 from .types import EasyAnimateModel, EasyAnimateTextEncoders, EasyAnimateVae, ModelType, TextEncodersType, VaeType
 
 FOLDER_KEY = "easyanimate"
@@ -54,10 +55,14 @@ def list_model_folders() -> list[str]:
     return sorted(found)
 
 
-def list_model_names() -> list[str]:
-    """The loader's model_name options: the model folders, then any single-file checkpoints lying beside
-    them (listed so that choosing one explains that single files are not supported)."""
-    return list_model_folders() + [p.name for p in _single_files(model_roots())]
+def model_choices() -> list[str]:
+    """The loader's list: the folders found, the official models not downloaded yet (fetched on first use), then
+    any single-file checkpoints lying beside them (listed so that choosing one explains that they are not
+    supported)."""
+    found = list_model_folders()
+    have = {Path(name).name for name in found}
+    return (found + [name for name in OFFICIAL_MODELS if name not in have]
+            + [p.name for p in _single_files(model_roots())])
 
 
 def _single_files(roots: list[Path]) -> list[Path]:
@@ -75,28 +80,59 @@ def _inside(root: Path, name: str) -> Path | None:
     return root / relative
 
 
+def _interrupted_download(folder: Path) -> bool:
+    """A folder an interrupted download left with files missing (it resumes on the next run)."""
+    if not is_partial_download(folder):
+        return False
+    try:
+        validate_model_dir(folder)
+    except ModelFolderError:
+        return True
+    except EasyAnimateError:
+        return False  # there, but damaged: the loader says what is wrong with it
+    return False
+
+
+def not_downloaded(name: str) -> bool:
+    """An official model the list offers that is not on disk yet (or only partly)."""
+    if official_name(name) != name:
+        return False
+    folders = [root / name for root in model_roots() if (root / name / "transformer" / "config.json").is_file()]
+    return not folders or all(_interrupted_download(folder) for folder in folders)
+
+
 def resolve_model_folder(name: str) -> Path:
     """The folder a model_name value names. Values outside the list are refused (ComfyUI 0.3.75 does not
-    check combo values): a path leaving models/EasyAnimate/, a single-file checkpoint, a missing folder."""
+    check combo values): a path leaving models/EasyAnimate/, a single-file checkpoint. An official model that
+    is absent, or that an interrupted download left incomplete, is downloaded first (ComfyUI's progress bar;
+    Cancel stops it, the next run resumes). Otherwise a clear error with the layout and the download command."""
     roots = model_roots()
     listed = list_model_folders()
+    searched = "\n".join(f"  {root}" for root in roots)
     for root in roots:
         inside = _inside(root, name)
-        if inside is None:
-            continue
-        if inside.is_file() and inside.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if inside is not None and inside.is_file() and inside.suffix.lower() in SINGLE_FILE_SUFFIXES:
             raise single_file_error(root / name)
-        if name in listed and (root / name).is_dir():
-            return root / name
-        if inside.is_dir():
-            validate_model_dir(root / name)  # not listed, so incomplete: the error names the missing file
-            return root / name
-    searched = "\n".join(f"  {root}" for root in roots)
     if any(_inside(root, name) is None for root in roots):
         raise ModelFolderError(
             f"model_name {name!r} is not a model folder under models/EasyAnimate/: pick one of the list "
             f"({', '.join(listed) or 'empty: add a model folder and press R'}). Searched:\n{searched}")
-    target = roots[0] / name if roots else Path(name)
+    found = next((root / name for root in roots if (root / name).is_dir()), None)
+    official = official_name(name) == name and bool(roots)
+    if found is not None and not official:
+        if name not in listed:
+            validate_model_dir(found)  # not listed, so incomplete: the error names the missing file
+        return found
+    target = found or (roots[0] / name if roots else Path(name))
+    if official:
+        try:
+            return ensure_model(target, roots[0], progress=DownloadProgressBar(),
+                                announce=lambda line: log.info("EasyAnimate: %s", line))
+        except ModelDownloadError as exc:
+            where = (f"EasyAnimate model folder {found} is an incomplete download and resuming it failed" if found
+                     else f"EasyAnimate model folder '{name}' was not found (searched:\n{searched}\n) and "
+                          "downloading it failed")
+            raise ModelFolderError(f"{where}: {exc}\nExpected layout:\n{EXPECTED_TREE}") from exc
     singles = _single_files(roots)
     single_note = (f"These single-file checkpoints cannot be used ({', '.join(p.name for p in singles[:3])}): "
                    "single-file checkpoints are not supported, each model is a folder.\n" if singles else "")
@@ -192,10 +228,14 @@ class ModelLoader(io.ComfyNode):
             description="Loads an EasyAnimate V5 model folder (diffusers layout) from models/EasyAnimate/. "
                         "The model kind (text-to-video, InP or Control) travels with the model.",
             inputs=[
-                io.Combo.Input("model_name", options=list_model_names(),
+                io.Combo.Input("model_name", options=model_choices(),
                                tooltip="A folder under models/EasyAnimate/ (e.g. EasyAnimateV5-12b-zh-InP) holding "
                                        "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                                       "tokenizer_2/ and scheduler/. Single-file checkpoints are not supported."),
+                                       "tokenizer_2/ and scheduler/. Official models not downloaded yet are listed "
+                                       "too (marked 'not downloaded'): the first run downloads them from the Hugging "
+                                       "Face Hub into models/EasyAnimate/ (tens of GB: the size is printed first), "
+                                       "with the progress bar; Cancel stops it and the next run resumes. "
+                                       "Single-file checkpoints are not supported."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="Weights and compute precision. auto: bf16 on GPUs that support it, fp16 on "
                                        "other GPUs, fp32 on the CPU. With fp16 the VAE runs in fp32 and the text "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -61,7 +62,7 @@ class ComfyServer:
     """Start/stop a ComfyUI server and talk to its HTTP API."""
 
     def __init__(self, workdir: Path, pack_dir: Path, preview_method: str = "auto",
-                 extra_packs: dict[str, Path] | None = None, version: str = "0.3.75"):
+                 extra_packs: dict[str, Path] | None = None, version: str = "0.3.75", env: dict | None = None):
         if version not in COMFYUI_VERSIONS:
             raise ValueError(f"ComfyUI version {version!r}: expected one of {COMFYUI_VERSIONS}")
         self.version = version
@@ -75,6 +76,8 @@ class ComfyServer:
         self.log_path = workdir / "comfyui.log"
         self.preview_method = preview_method
         self.process = None
+        # No test reaches the internet: the hub is offline unless a test points HF_ENDPOINT at its stand-in.
+        self.env = {"HF_HUB_OFFLINE": "1", **(env or {})}
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -116,7 +119,8 @@ class ComfyServer:
                "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
                "--preview-method", self.preview_method]
         self.log_file = open(self.log_path, "w")
-        self.process = subprocess.Popen(cmd, cwd=self.app_dir, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(cmd, cwd=self.app_dir, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **self.env})
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

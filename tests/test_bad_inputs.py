@@ -181,7 +181,7 @@ REFUSALS = {
                                              combo_input="model_name"),
     "model-not-downloaded": Refusal(lambda: loader_only("EasyAnimateV5-7b-zh"), "EasyAnimateModelLoader",
                                     ("'EasyAnimateV5-7b-zh' was not found",
-                                     "huggingface-cli download alibaba-pai/EasyAnimateV5-7b-zh --local-dir"),
+                                     "hf download alibaba-pai/EasyAnimateV5-7b-zh --local-dir"),
                                     absent=("alibaba-pai/EasyAnimateV5-12b-zh-InP",), combo_input="model_name"),
     "pickle-lora": Refusal(lambda: graph("t2v", loras=[(PICKLE_LORA, 0.7)]), "EasyAnimateLoraLoader",
                            (f"{PICKLE_LORA} is a pickle file", "never loaded, for safety", ".safetensors version"),

@@ -1,7 +1,7 @@
 """Every shipped workflow in the real ComfyUI frontend: opened as a user opens it, checked, edited, run from the page.
 
-The page is the one ComfyUI 0.3.75 serves (comfyui-frontend-package 1.32.9), driven by Playwright in a headless
-Debian chromium (/usr/bin/chromium; `.ci/run` installs it, the tests skip only when it is absent). The server is
+The page is the one each ComfyUI version of the `comfy` fixture serves (0.3.75: comfyui-frontend-package 1.32.9;
+0.33.0: 1.49.6, which keeps node ids as strings), driven by Playwright in a headless Debian chromium (/usr/bin/chromium; `.ci/run` installs it, the tests skip only when it is absent). The server is
 the session `comfy` fixture, which also holds tests/vhs_stub, a test stand-in for VideoHelperSuite (not
 installable here) with VHS's exact node signatures and the bit of its web extension that restores its widgets.
 
@@ -10,12 +10,17 @@ Per workflow (workflows/*.json, found by glob), all in one browser session:
    raises one), every node type registered in LiteGraph, every link where the file has it;
 2. every node of ours shows the widget values the file holds, widget by widget in the frontend's order (the
    seed widget is followed by its "control_after_generate" widget, whose value the file stores right after
-   the seed), and the page's own prompt (app.graphToPrompt) equals comfy-cli's converter's for the file;
-3. a screenshot (focus mode, fit view) into the test's tmp folder, and into docs/screenshots/<stem>.png with
-   EASYANIMATE_UPDATE_SCREENSHOTS=1;
-4. the widgets edited on the page to the tiny test models, 112x64, few frames and steps (what
-   test_workflows.shrink_for_tiny_models does to the converted prompt), then queued from the page; the server
-   accepts the POST /api/prompt, the run succeeds and the VHS stand-in writes the mp4 the file asks for.
+   the seed), the loader marks an official model that is not downloaded "(not downloaded)", and the page's own
+   prompt (app.graphToPrompt) equals comfy-cli's converter's for the file;
+3. a screenshot (focus mode, fit view, 1600x1000) into the test's tmp folder; with EASYANIMATE_UPDATE_SCREENSHOTS=1
+   the 0.33 page's one also into docs/screenshots/<slug>.png and, scaled to 512 px, workflows/<name>.jpg (the
+   template browser's thumbnail);
+4. the widgets edited on the page to the tiny test models, 112x64, few frames and steps and the test images and
+   clips instead of the example inputs (what test_workflows.shrink_for_tiny_models does to the converted
+   prompt; the screenshot shows the example inputs the pack copied into input/), then queued from the page; the server
+   accepts the POST /api/prompt, the run succeeds and the VHS stand-in writes the mp4 the file asks for;
+5. the text each node of ours returned is shown in a box under it (web/js/easyanimate.js), which is neither
+   saved in the workflow nor sent with the prompt.
 
 What the frontend does differently from comfy-cli's converter (seen with these workflows): nothing in the
 prompt once VHS's widget restoring is there — same nodes, links, and values up to number formatting (6 vs 6.0).
@@ -30,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -44,14 +50,20 @@ from test_workflows import WORKFLOWS, convert, load, shrink_for_tiny_models, vhs
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-VIEWPORT = {"width": 1600, "height": 900}
+VIEWPORT = {"width": 1600, "height": 1000}
 SCALE = 2  # device pixels per CSS pixel: a fitted 3000-px-wide workflow is drawn at ~40 %, its text stays sharp
 # no first-run templates dialog over the graph; full detail at any zoom (the frontend otherwise draws nodes as
 # empty boxes once their text would be under 8 px); no FPS/node-count overlay in the screenshots
-SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Graph.CanvasInfo": False}
+# and (frontend 1.49) no minimap over the lower right corner of the graph
+SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Graph.CanvasInfo": False,
+            "Comfy.Minimap.Visible": False}
 SCREENSHOT_DIR = REPO_ROOT / "docs" / "screenshots"
 UPDATE_SCREENSHOTS = os.environ.get("EASYANIMATE_UPDATE_SCREENSHOTS") == "1"
+SCREENSHOT_VERSION = "0.33"  # the page the screenshots and thumbnails show (the current ComfyUI)
+THUMBNAIL_WIDTH = 512  # workflows/<name>.jpg: the template browser's card picture
+NOTES_WIDGET = "easyanimate_notes"  # web/js/easyanimate.js: a node's returned text, shown under it
 VHS_STUB_NODES = ("VHS_VideoCombine", "VHS_LoadVideo")
+SERVER_ADDED_KEYS = {"has_intermediate_output", "is_input_list", "search_aliases"}
 READY = ("() => !!(window.app?.vueAppReady && app.extensionManager?.workflow?.activeWorkflow && app.canvas"
          " && !document.querySelector('.p-blockui-mask'))")
 TIMEOUT_MS = 60_000
@@ -91,21 +103,6 @@ def prompt_differences(got: dict, want: dict) -> list[str]:
     return problems
 
 
-def referenced_inputs() -> dict[str, str]:
-    """Input file names the workflows' loaders name → the test file (comfy_media) to copy under that name."""
-    files = {}
-    for path in WORKFLOWS:
-        for node in load(path)["nodes"]:
-            values = node["widgets_values"]
-            if node["type"] in ("LoadImage", "LoadImageMask"):
-                name = values[0]  # the mask image: its red channel, a gradient plus a white square
-                files[name] = "end.png" if "end" in name else "start.png"
-            elif node["type"] == "VHS_LoadVideo":
-                name = values["video"]
-                files[name] = "pose.mp4" if "pose" in name else "clip.mp4"
-    return files
-
-
 # ---------------------------------------------------------------------------------------------- the page
 @pytest.fixture(scope="module")
 def page(comfy, tmp_path_factory):
@@ -115,9 +112,6 @@ def page(comfy, tmp_path_factory):
     except ImportError as err:  # pragma: no cover - environment problem, said plainly
         raise RuntimeError("Playwright is needed for the browser tests: .venv/bin/pip install -r requirements-test.txt"
                            " (never `playwright install`: the tests use /usr/bin/chromium)") from err
-    for name, source in referenced_inputs().items():
-        if not (comfy.input_dir / name).exists():
-            shutil.copyfile(comfy.input_dir / source, comfy.input_dir / name)
     status, answer = comfy.post("/api/settings", SETTINGS)
     assert status == 200, f"POST /api/settings: {status} {answer}"
 
@@ -131,6 +125,8 @@ def page(comfy, tmp_path_factory):
             tab.set_default_timeout(TIMEOUT_MS)
             tab.page_errors = []
             tab.on("pageerror", lambda error: tab.page_errors.append(str(error)))
+            tab.console = []
+            tab.on("console", lambda message: tab.console.append(f"{message.type}: {message.text}"[:500]))
             tab.goto(comfy.url)
             tab.wait_for_function(READY, timeout=TIMEOUT_MS)
             extensions = tab.evaluate("() => app.extensions.map(e => e.name)")
@@ -178,22 +174,40 @@ def read_back(page) -> dict:
     })""")
 
 
-def screenshot(page, stem: str) -> Path:
+def screenshot_name(stem: str) -> str:
+    """docs/screenshots/<slug>.png: 'EasyAnimate V5 - Text to Video' → easyanimate_v5_text_to_video."""
+    return re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_")
+
+
+def write_thumbnail(shot: Path, workflow: Path) -> Path:
+    """workflows/<name>.jpg, the screenshot scaled down for the template browser's card."""
+    from PIL import Image
+
+    target = workflow.with_suffix(".jpg")
+    with Image.open(shot) as image:
+        height = round(image.height * THUMBNAIL_WIDTH / image.width)
+        image.convert("RGB").resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(target, "JPEG", quality=85,
+                                                                                  optimize=True)
+    return target
+
+
+def screenshot(page, workflow: Path, version: str) -> Path:
     page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
-    page.wait_for_timeout(200)
-    shot = page.shots / f"{stem}.png"
+    page.wait_for_timeout(600)  # the fit view animates (0.35 s) on frontend 1.49
+    shot = page.shots / f"{screenshot_name(workflow.stem)}.png"
     page.screenshot(path=str(shot))
-    if UPDATE_SCREENSHOTS:
+    if UPDATE_SCREENSHOTS and version == SCREENSHOT_VERSION:
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, SCREENSHOT_DIR / f"{stem}.png")
+        shutil.copyfile(shot, SCREENSHOT_DIR / shot.name)
+        write_thumbnail(shot, workflow)
     return shot
 
 
 def set_widget(page, node_id: int, name: str, value) -> None:
     """Edit a widget on the page as a user does: the new value, then the widget's callback."""
     found = page.evaluate("""([id, name, value]) => {
-        const node = app.graph.getNodeById(id);
+        const node = app.graph._nodes.find(n => String(n.id) === String(id));
         const widget = node?.widgets?.find(w => w.name === name);
         if (!widget) return false;
         widget.value = value;
@@ -227,6 +241,11 @@ def test_vhs_stand_in_declares_videohelpersuites_exact_signatures(comfy):
             got["input"]["required"]["video"] = want["input"]["required"]["video"] = "<input files>"
         for entry in (got, want):
             entry.pop("description")
+        # keys a newer ComfyUI (0.33) adds to every node's /object_info, absent from VHS's recording
+        added = set(got) - set(want)
+        assert added <= SERVER_ADDED_KEYS, f"{name}: /object_info has keys VideoHelperSuite's has not: {added}"
+        for key in added:
+            got.pop(key)
         assert got == want, f"{name}: the stand-in's /object_info differs from VideoHelperSuite's"
 
 
@@ -291,6 +310,15 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
                                     f"{node['widgets_values'][name]!r}")
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
 
+    # ... the loader marks an official model that is not downloaded (the test server has only the tiny models)
+    page.wait_for_function("""() => app.graph._nodes.filter(n => n.type === 'EasyAnimateModelLoader')
+        .every(n => n.widgets.find(w => w.name === 'model_name').options.getOptionLabel)""", timeout=10_000)
+    labels = page.evaluate("""() => app.graph._nodes.filter(n => n.type === 'EasyAnimateModelLoader').map(n => {
+        const widget = n.widgets.find(w => w.name === 'model_name');
+        return [widget.value, widget.options.getOptionLabel?.(widget.value) ?? null];
+    })""")
+    assert labels and all(label == f"{value} (not downloaded)" for value, label in labels), labels
+
     # ... and the page's own prompt is the converter's
     page_prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     converted = convert(workflow, comfy.object_info())
@@ -298,13 +326,16 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
     assert not differences, f"{path.name}: app.graphToPrompt() vs comfy-cli's converter:\n" + "\n".join(differences)
 
     # 3. what a user sees
-    screenshot(page, path.stem)
+    screenshot(page, path, comfy.version)
 
     # 4. edit to the tiny models on the page, queue from the page, run
     shrunk = copy.deepcopy(page_prompt)
     expected_frames = shrink_for_tiny_models(shrunk)
     for nid, node in shrunk.items():
-        if not node["class_type"].startswith("EasyAnimate"):  # the loaders keep the files the workflow names
+        kind = node["class_type"]
+        if kind == "VHS_LoadVideo":  # the example video (49 frames at 448x256) → the 10-frame 112x64 test clip
+            node["inputs"]["video"] = "pose.mp4" if "pose" in node["inputs"]["video"] else "clip.mp4"
+        elif kind not in ("LoadImage", "LoadImageMask") and not kind.startswith("EasyAnimate"):
             shrunk[nid] = copy.deepcopy(page_prompt[nid])
             continue
         for name, value in node["inputs"].items():
@@ -331,4 +362,41 @@ def test_workflow_opens_and_runs_in_the_real_frontend(path, page, comfy):
         frames, size, fps = read_video(video)
         assert (frames, size, fps) == (expected_frames, (TEST_WIDTH, TEST_HEIGHT), 8.0), \
             f"{path.name}: {video} holds {frames} frames {size} at {fps} fps, not {expected_frames} 112x64 at 8"
+
+    # 5. the text our nodes returned is shown under them (web/js/easyanimate.js), never saved nor sent
+    check_notes_under_nodes(page, path, entry)
     print(f"\n[browser] {path.name}: {time.perf_counter() - started:.1f} s, {video.name}: {frames} frames")
+
+
+def check_notes_under_nodes(page, path: Path, entry: dict) -> None:
+    returned = {nid: out["text"] for nid, out in entry["outputs"].items() if out.get("text")}
+    assert returned, f"{path.name}: no node of ours returned a note"
+    try:
+        page.wait_for_function("""([ids, name]) => ids.every(id => app.graph._nodes.find(n => String(n.id) === id)
+            ?.widgets?.some(w => w.name === name && w.element?.value))""", arg=[list(returned), NOTES_WIDGET],
+            timeout=20_000)
+    except Exception as error:
+        state = page.evaluate("""(ids) => ({extensions: app.extensions.map(e => e.name).filter(n => /EasyAnimate/.test(n)),
+            widgets: ids.map(id => [id, (app.graph._nodes.find(n => String(n.id) === id)?.widgets ?? []).map(w => w.name)])})""",
+            list(returned))
+        raise AssertionError(f"{path.name}: the notes of nodes {sorted(returned)} are not shown under them: {state}\n"
+                             f"page errors: {page.page_errors[-5:]}\nconsole: {page.console[-10:]}") from error
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    shown = page.evaluate("""([ids, name]) => Object.fromEntries(ids.map(id => {
+        const node = app.graph._nodes.find(n => String(n.id) === id);
+        const widget = node.widgets.find(w => w.name === name);
+        const box = widget.element.getBoundingClientRect();
+        const style = getComputedStyle(widget.element);
+        return [id, {text: widget.element.value, width: box.width, height: box.height,
+                     visible: style.display !== 'none' && style.visibility !== 'hidden' && Number(style.opacity) > 0,
+                     saved: node.serialize().widgets_values?.length ?? 0, widgets: node.widgets.length}];
+    }))""", [list(returned), NOTES_WIDGET])
+    for nid, text in returned.items():
+        got = shown[nid]
+        assert got["text"] == "\n".join(text), f"{path.name} node {nid}: shows {got['text']!r}, returned {text!r}"
+        assert got["visible"] and got["width"] > 50 and got["height"] > 20, f"{path.name} node {nid}: {got}"
+        assert got["saved"] < got["widgets"], f"{path.name} node {nid}: the notes box is saved in the workflow"
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert not [nid for nid, node in prompt.items() if NOTES_WIDGET in node["inputs"]], "the notes box is sent"
+    if UPDATE_SCREENSHOTS:
+        page.screenshot(path=str(page.shots / f"{screenshot_name(path.stem)}_notes.png"))

@@ -380,7 +380,7 @@ def test_missing_model_folder_names_the_tree_and_the_download(comfy):
     assert error["node_type"] == "EasyAnimateModelLoader"
     assert "'EasyAnimateV5-12b-zh-InP' was not found" in message and str(comfy.models_dir) in message
     assert "transformer/config.json" in message and "tokenizer_2/spiece.model" in message
-    assert (f"huggingface-cli download alibaba-pai/EasyAnimateV5-12b-zh-InP --local-dir "
+    assert (f"hf download alibaba-pai/EasyAnimateV5-12b-zh-InP --local-dir "
             f"{comfy.models_dir / 'EasyAnimateV5-12b-zh-InP'}") in message
 
 
@@ -390,7 +390,7 @@ def test_half_downloaded_folder_names_the_missing_file(comfy):
     (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     message = run_error(comfy, graph("t2v", model_name="EasyAnimateV5-7b-zh"))["exception_message"]
     assert f"missing {broken / 'vae' / 'diffusion_pytorch_model.safetensors'}" in message
-    assert f"huggingface-cli download alibaba-pai/EasyAnimateV5-7b-zh --local-dir {broken}" in message
+    assert f"hf download alibaba-pai/EasyAnimateV5-7b-zh --local-dir {broken}" in message
 
 
 def test_truncated_safetensors_is_named(comfy):

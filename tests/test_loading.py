@@ -23,7 +23,7 @@ def test_missing_folder_names_it_and_shows_the_tree(tmp_path):
     message = str(err.value)
     assert str(missing) in message and "does not exist" in message
     assert "transformer/diffusion_pytorch_model.safetensors" in message  # the expected tree
-    assert "huggingface-cli download alibaba-pai/" in message
+    assert "hf download alibaba-pai/" in message
 
 
 @pytest.mark.parametrize("relative", [

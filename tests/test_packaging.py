@@ -15,7 +15,7 @@ def test_install_script_creates_the_model_folder_and_prints_downloads(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     models = tmp_path / "ComfyUI" / "models" / "EasyAnimate"
     assert models.is_dir()
-    assert (f"huggingface-cli download alibaba-pai/EasyAnimateV5-12b-zh-InP --local-dir "
+    assert (f"hf download alibaba-pai/EasyAnimateV5-12b-zh-InP --local-dir "
             f"{models / 'EasyAnimateV5-12b-zh-InP'}") in result.stdout
 
 

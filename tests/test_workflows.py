@@ -24,20 +24,21 @@ VHS_INFO_PATH = REPO_ROOT.parent / "shared" / "comfyui" / "object_info_vhs.json"
 
 # task → (file, model kinds the workflow may name)
 REQUIRED = {
-    "text to video": ("easyanimate_v5_text_to_video.json", {"t2v"}),
-    "image to video": ("easyanimate_v5_image_to_video.json", {"inpaint"}),
-    "first + last frame": ("easyanimate_v5_first_last_frame.json", {"inpaint"}),
-    "video to video": ("easyanimate_v5_video_to_video.json", {"inpaint", "t2v"}),
-    "region inpaint": ("easyanimate_v5_region_inpaint.json", {"inpaint"}),
-    "control (Canny)": ("easyanimate_v5_control_canny.json", {"control"}),
-    "control (pose video)": ("easyanimate_v5_control_pose.json", {"control"}),
-    "text to video + LoRA": ("easyanimate_v5_text_to_video_lora.json", {"inpaint", "t2v"}),
-    "long video (continuation)": ("easyanimate_v5_long_video.json", {"inpaint"}),
-    "long video from an image": ("easyanimate_v5_long_video_from_image.json", {"inpaint"}),
-    "long control video (windows)": ("easyanimate_v5_long_control.json", {"control"}),
-    "text to video with KSampler": ("easyanimate_v5_ksampler_text_to_video.json", {"inpaint", "t2v"}),
-    "KSampler + EasyCache": ("easyanimate_v5_ksampler_easycache.json", {"inpaint", "t2v"}),
-    "long video with context windows": ("easyanimate_v5_ksampler_context_windows.json", {"inpaint", "t2v"}),
+    "text to video": ("EasyAnimate V5 - Text to Video.json", {"t2v"}),
+    "image to video": ("EasyAnimate V5 - Image to Video.json", {"inpaint"}),
+    "first + last frame": ("EasyAnimate V5 - First and Last Frame.json", {"inpaint"}),
+    "video to video": ("EasyAnimate V5 - Video to Video.json", {"inpaint", "t2v"}),
+    "region inpaint": ("EasyAnimate V5 - Region Inpaint.json", {"inpaint"}),
+    "control (Canny)": ("EasyAnimate V5 - Control with Canny Edges.json", {"control"}),
+    "control (pose video)": ("EasyAnimate V5 - Control with a Pose Video.json", {"control"}),
+    "text to video + LoRA": ("EasyAnimate V5 - Text to Video with a LoRA.json", {"inpaint", "t2v"}),
+    "long video (continuation)": ("EasyAnimate V5 - Long Video.json", {"inpaint"}),
+    "long video from an image": ("EasyAnimate V5 - Long Video from an Image.json", {"inpaint"}),
+    "long control video (windows)": ("EasyAnimate V5 - Long Control Video.json", {"control"}),
+    "text to video with KSampler": ("EasyAnimate V5 - KSampler Text to Video.json", {"inpaint", "t2v"}),
+    "KSampler + EasyCache": ("EasyAnimate V5 - KSampler with EasyCache.json", {"inpaint", "t2v"}),
+    "long video with context windows": ("EasyAnimate V5 - KSampler Long Video with Context Windows.json",
+                                        {"inpaint", "t2v"}),
 }
 # ComfyUI's own sampler on our MODEL (easyanimate_v5_ksampler_*): KSampler's values in those workflows
 KSAMPLER_DEFAULTS = {"seed": 43, "steps": 50, "cfg": 6.0, "sampler_name": "ddim", "scheduler": "simple", "denoise": 1.0}
@@ -355,7 +356,7 @@ def test_easyanimate_widget_values_convert_to_values_our_nodes_accept(path, obje
     notes = " ".join(str(n["widgets_values"][0]) for n in wf["nodes"] if n["type"] in UI_ONLY_TYPES)
     for loader in loaders:
         name = loader["model_name"]
-        assert name in notes and f"huggingface-cli download alibaba-pai/{name}" in notes, \
+        assert name in notes and f"hf download alibaba-pai/{name}" in notes, \
             f"{path.name}: the note does not say where to get {name}"
 
 
