@@ -18,7 +18,7 @@ from ..easyanimate_core.training.dataset import (CAPTION_POLICIES, DatasetSettin
                                                  scan_folder)
 from ..easyanimate_core.training.loop import TrainConfig, state_path, train_lora
 from ..easyanimate_core.training.plot import loss_curve_image
-from .comfy_bridge import check_interrupted, compute_device, log
+from .comfy_bridge import check_interrupted, log
 from .conditioning import CATEGORY, check_choice, ui_text
 from .types import ModelType, TextEncodersType, VaeType
 
