@@ -18,7 +18,7 @@ from ..easyanimate_core.training.dataset import (CAPTION_POLICIES, DatasetSettin
                                                  scan_folder)
 from ..easyanimate_core.training.loop import TrainConfig, state_path, train_lora
 from ..easyanimate_core.training.plot import loss_curve_image
-from .comfy_bridge import check_interrupted, compute_device, log
+from .comfy_bridge import check_interrupted, log
 from .conditioning import CATEGORY, check_choice, ui_text
 from .types import ModelType, TextEncodersType, VaeType
 
@@ -159,7 +159,7 @@ class TrainLora(io.ComfyNode):
                              tooltip="LoRA rank: 32 fits users' GPUs; the original uses 128."),
                 io.Float.Input("alpha", default=32.0, min=0.1, max=512.0, step=0.5,
                                tooltip="LoRA alpha: the update is scaled by alpha / rank (the original: 64 at rank 128)."),
-                io.Int.Input("seed", default=42, min=0, max=2 ** 31 - 1,
+                io.Int.Input("seed", default=42, min=0, max=2 ** 31 - 1, control_after_generate=True,
                              tooltip="Seeds the LoRA init, the sample order, the noise and the timesteps."),
                 io.Combo.Input("targets", options=list(TARGET_SETS), default="all",
                                tooltip="all: every Linear of the transformer (as the original). attention: only the "

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 
-import torch
 from safetensors import safe_open
 
 from comfy_media import TEST_HEIGHT, TEST_WIDTH
-from comfy_server import execution_error, node_texts
+from comfy_server import node_texts
 from conftest import TINY_MODEL_NAMES
 from test_comfy_nodes import NEGATIVE, PROMPT, run_error, run_ok, saved_latent
 from test_training import write_style_images

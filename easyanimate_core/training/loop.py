@@ -63,7 +63,6 @@ class TrainResult:
     path: Path | None                  # the LoRA file (None if no step finished)
     steps_done: int
     losses: list[float] = field(default_factory=list)
-    stopped: str = ""                  # "" (finished), "nan", "interrupted"
 
 
 def state_path(out: Path) -> Path:
@@ -179,7 +178,6 @@ def train_lora(pipe, samples: list[CachedSample], empty_caption: tuple[torch.Ten
             saved_step = trainer.global_step
 
         log = _CsvLog(log_csv, append=resume)
-        stopped = ""
         try:
             while trainer.global_step < config.steps:
                 if not order:
@@ -207,7 +205,7 @@ def train_lora(pipe, samples: list[CachedSample], empty_caption: tuple[torch.Ten
         log.close()
         if trainer.global_step > saved_step or not out.is_file():
             save()
-    return TrainResult(out, trainer.global_step, losses, stopped)
+    return TrainResult(out, trainer.global_step, losses)
 
 
 class _CsvLog:
