@@ -8,8 +8,9 @@ original layout that `load_pipeline` loads, whose samples show the prompted shap
    one direction on a dark background, captioned "a red circle moving left" and so on;
 2. VAE: the tiny MagViT VAE (the V5 architecture, narrower than the golden's) trained as an autoencoder on
    those clips (MSE + a small KL term), because a random VAE decodes nothing recognisable; its
-   `scaling_factor` is then set to 1 / std of the latents, as the published VAEs do;
-3. transformer: the tiny V5 MMDiT (4 heads x 16, 4 MMDiT layers) trained with the V5 objective
+   `scaling_factor` is then set to 1 / std of the latents, as the published VAEs do; then the decoder alone
+   is fine-tuned on the posterior means (the encoder frozen, so the latents do not move);
+3. transformer (on the posterior means, what `.mode()` gives at inference): the tiny V5 MMDiT (4 heads x 16, 4 MMDiT layers) trained with the V5 objective
    (v-prediction on the zero-terminal-SNR DDIM schedule of scheduler_config.json), on the frozen golden tiny
    BERT/T5 prompt embeddings, with 10 % empty-prompt dropout so classifier-free guidance works; EMA weights
    are saved;
@@ -154,7 +155,30 @@ def train_vae(vae, clips: torch.Tensor, minutes: float, batch: int, log) -> int:
     return step
 
 
-def train_transformer(model, latents_mean, latents_std, text_ids, embeds, empty, minutes: float, batch: int,
+def train_decoder(vae, clips: torch.Tensor, means: torch.Tensor, minutes: float, batch: int, log) -> int:
+    """Fine-tune the decoder alone on the posterior means (what sampling produces); the latents stay the same."""
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(3)
+    vae.decoder.train()
+    start, step = time.time(), 0
+    while (elapsed := time.time() - start) < minutes * 60:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / (minutes * 60), 5e-4)
+        idx = torch.randint(len(clips), (batch,), generator=g)
+        mse = F.mse_loss(vae.decode(means[idx]), clips[idx])
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            log(f"decoder step {step} {elapsed:.0f}s mse {mse.item():.5f} (PSNR {10 * math.log10(4 / mse.item()):.1f} dB)")
+    vae.eval()
+    return step
+
+
+def train_transformer(model, latents, text_ids, embeds, empty, minutes: float, batch: int,
                       log) -> tuple[int, torch.nn.Module]:
     from diffusers import DDIMScheduler
 
@@ -170,8 +194,8 @@ def train_transformer(model, latents_mean, latents_std, text_ids, embeds, empty,
     while (elapsed := time.time() - start) < minutes * 60:
         for group in opt.param_groups:
             group["lr"] = lr_at(elapsed / (minutes * 60), 5e-4)
-        idx = torch.randint(len(latents_mean), (batch,), generator=g)
-        x0 = latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=g)
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        x0 = latents[idx]
         t = torch.randint(0, 1000, (batch,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=g)
@@ -260,7 +284,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "assets" / "trained_tiny")
     parser.add_argument("--clips", type=int, default=360)
     parser.add_argument("--vae-minutes", type=float, default=7.0)
-    parser.add_argument("--transformer-minutes", type=float, default=16.0)
+    parser.add_argument("--decoder-minutes", type=float, default=4.0)
+    parser.add_argument("--transformer-minutes", type=float, default=15.0)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="reuse the VAE of this model folder (skips the autoencoder stage; the decoder is still "
+                             "fine-tuned)")
     parser.add_argument("--vae-batch", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -293,21 +321,38 @@ def main(argv=None) -> int:
     log(f"dataset: {len(clips)} clips {tuple(clips.shape[1:])}, {len(set(captions))} captions "
         f"({time.time() - t0:.0f}s)")
 
-    vae_cfg = small_vae_config()
-    vae = MagvitVAE.from_config_dict(vae_cfg)
-    t_vae = time.time()
-    vae_steps = train_vae(vae, clips, args.vae_minutes, args.vae_batch, log)
-    t_vae = time.time() - t_vae
+    if args.vae_from is not None:
+        from easyanimate_core.loading import load_weights_into
+
+        vae_cfg = json.loads((args.vae_from / "vae" / "config.json").read_text())
+        vae = load_weights_into(MagvitVAE.from_config_dict(vae_cfg),
+                                (args.vae_from / "vae" / "diffusion_pytorch_model.safetensors",), dtype=torch.float32)
+        for p in vae.parameters():
+            p.requires_grad_(True)
+        vae_steps, t_vae = 0, 0.0
+        log(f"vae: reused from {args.vae_from}")
+    else:
+        vae_cfg = small_vae_config()
+        vae = MagvitVAE.from_config_dict(vae_cfg)
+        t_vae = time.time()
+        vae_steps = train_vae(vae, clips, args.vae_minutes, args.vae_batch, log)
+        t_vae = time.time() - t_vae
+    vae.eval()
     with torch.no_grad():
-        posts = [vae.encode(clips[i:i + 8]) for i in range(0, len(clips), 8)]
-        mean = torch.cat([p.mean for p in posts])
-        std = torch.cat([p.std for p in posts])
-        recon = torch.cat([vae.decode(p.mean) for p in posts[:4]])
+        mean = torch.cat([vae.encode(clips[i:i + 8]).mean for i in range(0, len(clips), 8)])
+    for p in vae.encoder.parameters():
+        p.requires_grad_(False)
+    t_dec = time.time()
+    decoder_steps = train_decoder(vae, clips, mean, args.decoder_minutes, args.vae_batch, log)
+    t_dec = time.time() - t_dec
+    with torch.no_grad():
+        recon = torch.cat([vae.decode(mean[i:i + 8]) for i in range(0, 32, 8)])
         psnr = 10 * math.log10(4 / F.mse_loss(recon, clips[:len(recon)]).item())
     scaling = round(1.0 / float(mean.std()), 4)
     vae_cfg["scaling_factor"] = scaling
-    log(f"vae: {vae_steps} steps in {t_vae:.0f}s, reconstruction PSNR {psnr:.1f} dB, latent std "
-        f"{float(mean.std()):.3f} -> scaling_factor {scaling}")
+    log(f"vae: {vae_steps} autoencoder steps in {t_vae:.0f}s + {decoder_steps} decoder steps in {t_dec:.0f}s, "
+        f"reconstruction PSNR {psnr:.1f} dB (posterior means), latent std {float(mean.std()):.3f} -> "
+        f"scaling_factor {scaling}")
     save_module(vae, out / "vae", vae_cfg, torch.float16)
 
     text = TextEncoders.from_model_dir(out, dtype=torch.float32)
@@ -323,7 +368,7 @@ def main(argv=None) -> int:
     model = EasyAnimateTransformer3D.from_config_dict(tr_cfg)
     log(f"transformer: {sum(p.numel() for p in model.parameters())} parameters")
     t_tr = time.time()
-    steps, ema = train_transformer(model, mean * scaling, std * scaling, text_ids, embeds, len(unique) - 1,
+    steps, ema = train_transformer(model, mean * scaling, text_ids, embeds, len(unique) - 1,
                                    args.transformer_minutes, args.batch, log)
     t_tr = time.time() - t_tr
     log(f"transformer: {steps} steps of batch {args.batch} in {t_tr:.0f}s")
@@ -332,7 +377,8 @@ def main(argv=None) -> int:
     report = check_samples(out, log)
     log(f"samples: colour accuracy {report['colour_accuracy']:.0%}, direction accuracy "
         f"{report['direction_accuracy']:.0%}")
-    report.update(vae_steps=vae_steps, vae_seconds=round(t_vae), vae_psnr_db=round(psnr, 1),
+    report.update(vae_steps=vae_steps, vae_seconds=round(t_vae), decoder_steps=decoder_steps,
+                  decoder_seconds=round(t_dec), vae_psnr_db=round(psnr, 1),
                   transformer_steps=steps, transformer_seconds=round(t_tr), batch=args.batch,
                   clips=len(clips), threads=args.threads, scaling_factor=scaling)
     (out / "training.json").write_text(json.dumps(report, indent=2))

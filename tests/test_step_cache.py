@@ -222,3 +222,35 @@ def test_coefficients_file_of_another_model_is_refused(pipe, tmp_path):
     path.write_text("{not json")
     with pytest.raises(UnsupportedRequestError, match="not a step-cache coefficients file"):
         load_coefficients(transformer, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_calibrates_then_generates_with_teacache_and_refuses_another_models_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    from test_cli import run_cli
+
+    model = shutil.copytree(tiny_model_dir("t2v"), tmp_path / "model")
+    size = ["--height", 32, "--width", 32, "--frames", 5]
+    calibrated = run_cli("calibrate-cache", "--model", model, "--prompts", "a cat", "a dog on the beach",
+                         "--steps", 8, *size)
+    assert calibrated.returncode == 0, calibrated.stderr
+    data = json.loads((model / COEFFICIENTS_FILE).read_text())
+    assert data["model"] == {"kind": "t2v", "size": "2 layers x 32 (2 MMDiT)"}
+    assert data["calibration"]["points"] == 2 * 7 and len(data["teacache"]["coefficients"]) == 5
+    assert f"wrote {model / COEFFICIENTS_FILE}" in calibrated.stdout
+
+    generated = run_cli("generate", "--model", model, "--prompt", "a cat", "--steps", 10, *size,
+                        "--out", tmp_path / "cached.png", "--cache", "teacache:0.5")
+    assert generated.returncode == 0, generated.stderr
+    assert "step cache: skipped " in generated.stdout and " of 10 transformer passes" in generated.stdout
+
+    other = shutil.copytree(tiny_model_dir("inpaint"), tmp_path / "inp")
+    shutil.copy(model / COEFFICIENTS_FILE, other / COEFFICIENTS_FILE)
+    refused = run_cli("generate", "--model", other, "--prompt", "a cat", "--steps", 4, *size,
+                      "--out", tmp_path / "x.png", "--cache", "teacache:0.1")
+    assert refused.returncode == 2
+    assert "was calibrated for a t2v model of size 2 layers x 32 (2 MMDiT), but this model is inpaint" in refused.stderr
+    bad = run_cli("generate", "--model", model, "--prompt", "a cat", "--steps", 4, *size,
+                  "--out", tmp_path / "y.png", "--cache", "auto:-1")
+    assert bad.returncode == 2 and "threshold must be a number ≥ 0" in bad.stderr
