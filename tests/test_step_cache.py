@@ -160,6 +160,18 @@ def test_composes_with_fp8(tiny_model_dir):
     assert cached.cache_stats.skipped > 0 and cached.latents.isfinite().all()
 
 
+def test_composes_with_compiled_blocks(tiny_model_dir, pipe):
+    from easyanimate_core.models.transformer import compile_transformer_blocks
+
+    compiled = load_pipeline(tiny_model_dir("t2v"))
+    compile_transformer_blocks(compiled.transformer)
+    plain = run(compiled)
+    assert torch.equal(run(compiled, teacache(0.0)).latents, plain.latents)
+    cached, eager = run(compiled, teacache(0.6)), run(pipe, teacache(0.6))
+    assert cached.cache_stats.skipped_steps == eager.cache_stats.skipped_steps and cached.cache_stats.skipped > 0
+    assert (cached.latents - eager.latents).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("blocks", [1, 2], ids=["last-block-swapped", "all-blocks-swapped"])
 def test_composes_with_block_swap(pipe, uncached, blocks):
     """TeaCache reads block 0's modulation even when block swap holds block 0's weights off the device."""
