@@ -266,3 +266,13 @@ def test_cli_calibrates_then_generates_with_teacache_and_refuses_another_models_
     bad = run_cli("generate", "--model", model, "--prompt", "a cat", "--steps", 4, *size,
                   "--out", tmp_path / "y.png", "--cache", "auto:-1")
     assert bad.returncode == 2 and "threshold must be a number ≥ 0" in bad.stderr
+
+
+def test_teacache_indicator_is_the_first_blocks_modulated_input():
+    from tiny_model import random_transformer
+
+    transformer = random_transformer()
+    x, ctx, temb = torch.randn(2, 48, 32), torch.randn(2, 20, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        got = teacache(0.1)._modulated_input(transformer, x, ctx, temb)
+        assert torch.equal(got, transformer.transformer_blocks[0].norm1(x, ctx, temb)[0])
