@@ -29,7 +29,7 @@ from easyanimate_core.cache import CacheSettings  # noqa: E402
 DEFAULT_MODEL = REPO / "tests" / "assets" / "trained_tiny"
 DEFAULT_PROMPTS = ("a red circle moving left", "a blue square moving down", "a yellow triangle moving right",
                    "a white circle moving up")
-DEFAULT_THRESHOLDS = {"teacache": (0.05, 0.1, 0.2, 0.3, 0.5, 0.8), "auto": (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)}
+DEFAULT_THRESHOLDS = {"teacache": (0.05, 0.1, 0.15, 0.2, 0.3), "auto": (0.05, 0.1, 0.15, 0.2, 0.3)}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
