@@ -10,6 +10,7 @@ import torch
 from . import load_pipeline
 from .buckets import BASE_RESOLUTIONS, bucket_size
 from .download import DownloadProgress, ensure_model
+from .cache import POLICIES, CacheSettings
 from .errors import EasyAnimateError
 from .loading import validate_model_dir
 from .memory import MEMORY_MODES, requested_mode
@@ -81,11 +82,51 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--swap-blocks", type=int, default=None, metavar="N",
                      help="transformer blocks to swap with --memory block_swap/fp8_block_swap (default: the fewest "
                           "that fit); alone, it means --memory block_swap")
+    gen.add_argument("--cache", default=None, metavar="POLICY:THRESHOLD[:START:END]",
+                     help=f"step cache: skip transformer passes that would change little ({'/'.join(POLICIES)}), "
+                          "e.g. teacache:0.1 or auto:0.2 (START/END: the fraction of steps where skipping may "
+                          "happen, default 0.1:0.9); prints how many passes were skipped")
+
+    cal = sub.add_parser("calibrate-cache", help="measure a model's TeaCache coefficients and write "
+                                                 "<model>/step_cache.json, which --cache teacache then uses")
+    cal.add_argument("--model", required=True, help="model folder in the original layout")
+    cal.add_argument("--prompts", nargs="+", default=None, help="prompts to calibrate on (default: 3 built-in ones)")
+    cal.add_argument("--height", type=int, default=384)
+    cal.add_argument("--width", type=int, default=672)
+    cal.add_argument("--frames", type=int, default=49)
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--cfg", type=float, default=6.0)
+    cal.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES)
+    cal.add_argument("--seed", type=int, default=43)
+    cal.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4)")
+    cal.add_argument("--out", default=None, help="where to write the JSON (default: <model>/step_cache.json)")
+    cal.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cal.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
+    cal.add_argument("--memory", default="auto", choices=MEMORY_MODES, help="memory mode, as for generate")
 
     from .training.cli import add_parser as add_train_lora
 
     add_train_lora(sub)
     return parser
+
+
+def _calibrate(args) -> int:
+    from .cache_calibration import DEFAULT_PROMPTS, calibrate, write_coefficients
+
+    dtype = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, memory=requested_mode(args.memory, None),
+                         plan_for=(args.height, args.width, args.frames))
+    data = calibrate(pipe, args.prompts or DEFAULT_PROMPTS, height=args.height, width=args.width,
+                     num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                     sampler=args.sampler, seed=args.seed, degree=args.degree,
+                     log=lambda msg: print(msg, flush=True))
+    path = write_coefficients(pipe.model_dir, data, args.out)
+    fit = data["calibration"]
+    print(f"wrote {path}: TeaCache coefficients for a {data['model']['kind']} model of size {data['model']['size']} "
+          f"from {fit['points']} step pairs (mean |fit error| {fit['mean_abs_fit_error']:.4f}, mean output change "
+          f"{fit['mean_output_change']:.4f})", flush=True)
+    return 0
+
 
 
 def _model_folder(args):
@@ -156,6 +197,7 @@ def _generate(args) -> int:
         else:
             height, width = height or 384, width or 672
     strength = args.strength if args.strength is not None else (0.7 if video is not None and mask is None else 1.0)
+    cache = CacheSettings.parse(args.cache) if args.cache else None
 
     t0 = time.perf_counter()
     print(f"loading {model_dir} on {args.device} ({dtype})…", flush=True)
@@ -179,7 +221,9 @@ def _generate(args) -> int:
     result = pipe.generate(args.prompt[0], negative_prompt=args.negative_prompt, height=height, width=width,
                            num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg,
                            sampler=args.sampler, seed=args.seed, start_image=start, end_image=end, video=video,
-                           mask=mask, strength=strength, control_video=control, callback=progress)
+                           mask=mask, strength=strength, control_video=control, callback=progress, cache=cache)
+    if result.cache_stats is not None:
+        print(f"step cache: {result.cache_stats.describe()}", flush=True)
     path = write_video(args.out, result.frames, fps=args.fps)
     frames = result.frames
     print(f"wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {args.fps:g} fps "
@@ -224,6 +268,8 @@ def main(argv=None) -> int:
             from .training.cli import run as train_lora
 
             return train_lora(args)
+        if args.command == "calibrate-cache":
+            return _calibrate(args)
         return _generate(args)
     except (EasyAnimateError, FileNotFoundError, ValueError) as exc:  # ModelDownloadError is an EasyAnimateError
         print(f"error: {exc}", file=sys.stderr)

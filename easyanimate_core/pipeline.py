@@ -22,6 +22,7 @@ import torch
 from . import conditioning as cond
 from .buckets import floor_to_multiple, latent_frames, round_frames
 from .block_swap import reset_block_swap
+from .cache import CacheSettings, CacheStats, StepCache, make_step_cache
 from .errors import UnsupportedRequestError
 from .memory import ResidentPlacement
 from .samplers import DEFAULT_SAMPLER, check_steps, make_scheduler
@@ -40,6 +41,7 @@ ModelFn = Callable[..., torch.Tensor]
 class GenerationResult:
     frames: torch.Tensor   # [F,H,W,3] float32 0..1 on CPU
     latents: torch.Tensor  # [1,16,T,h,w] final latents, still scaled by the VAE scaling factor
+    cache_stats: Optional[CacheStats] = None  # what the step cache skipped, when one was used
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Pipeline:
         self.placement = placement if placement is not None else ResidentPlacement()
         self.memory_plan = None  # the MemoryPlan load_pipeline followed, if any
         self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
+        self.last_cache_stats: Optional[CacheStats] = None  # the step cache's report of the last denoise
 
     # ------------------------------------------------------------------ options
     def set_vae_tiling(self, enabled: bool, tile_sample_min_size: int = 384, tile_overlap_factor: float = 0.25):
@@ -270,8 +273,8 @@ class Pipeline:
     @torch.inference_mode()
     def denoise(self, conditioning: Conditioning, positive: PromptEmbeds, negative: Optional[PromptEmbeds] = None,
                 guidance_scale: float = 6.0, callback: Optional[Callable[[StepInfo], None]] = None, *,
-                model_fn: Optional[ModelFn] = None, step_hook: Optional[Callable[[int, int], None]] = None
-                ) -> torch.Tensor:
+                model_fn: Optional[ModelFn] = None, step_hook: Optional[Callable[[int, int], None]] = None,
+                cache: CacheSettings | StepCache | None = None) -> torch.Tensor:
         """Run the sampler from `conditioning.latents`; returns the final latents (float32, scaled).
 
         Two seams for features built on this loop (it is the only denoise loop):
@@ -280,7 +283,21 @@ class Pipeline:
           default `call_transformer`.
         - `step_hook(index, total)` is called before each step's model call (0-based index), e.g. so a
           step cache knows where in the schedule it is.
+
+        `cache` (cache.py: CacheSettings, or a StepCache built by the caller) skips transformer passes that
+        would change little; it is installed on the transformer for this call only (removed on any exit),
+        and its report is left in `self.last_cache_stats` (or the StepCache's `.stats`).
         """
+        step_cache = cache if isinstance(cache, StepCache) or cache is None else \
+            make_step_cache(cache, self.transformer, self.model_dir)
+        self.last_cache_stats = None
+        if step_cache is not None:
+            user_hook = step_hook
+
+            def step_hook(i, total):
+                step_cache.step_hook(i, total)
+                if user_hook is not None:
+                    user_hook(i, total)
         use_cfg = guidance_scale > 1.0 and negative is not None
         text = PromptEmbeds.cat([negative, positive]) if use_cfg else positive
         model_dtype = self.transformer.compute_dtype
@@ -303,7 +320,7 @@ class Pipeline:
         step_values = host_timesteps.tolist()
         model_timesteps = conditioning.timesteps.to(self.device, torch.float32)
         total = len(step_values)
-        with self._use("transformer"):
+        with self._use("transformer"), step_cache.installed(self.transformer) if step_cache else nullcontext():
             try:
                 latents = conditioning.latents.to(self.device)
                 for i in range(total):
@@ -324,6 +341,8 @@ class Pipeline:
                                           getattr(out, "pred_original_sample", None)))
             finally:
                 reset_block_swap(self.transformer)  # an interrupt inside a swapped block leaves nothing behind
+        if step_cache is not None:
+            self.last_cache_stats = step_cache.stats
         return latents
 
     # ------------------------------------------------------------------ decoding
@@ -339,8 +358,13 @@ class Pipeline:
                  sampler: str = DEFAULT_SAMPLER, seed: int = 43, start_image=None, end_image=None, video=None,
                  mask=None, strength: float = 1.0, control_video=None, latents=None,
                  noise_aug_strength: float = DEFAULT_NOISE_AUG_STRENGTH, reference_noise=None, video_noise=None,
-                 callback: Optional[Callable[[StepInfo], None]] = None) -> GenerationResult:
-        """Generate a video; see the README for what each input does and which model kind takes it."""
+                 callback: Optional[Callable[[StepInfo], None]] = None,
+                 cache: CacheSettings | StepCache | None = None) -> GenerationResult:
+        """Generate a video; see the README for what each input does and which model kind takes it.
+
+        `cache`: a step cache (cache.py), e.g. `CacheSettings.parse("auto:0.1")`; its skip counts come back
+        in `result.cache_stats`.
+        """
         conditioning = self.prepare(
             height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
             sampler=sampler, seed=seed, start_image=start_image, end_image=end_image, video=video, mask=mask,
@@ -348,8 +372,8 @@ class Pipeline:
             noise_aug_strength=noise_aug_strength, reference_noise=reference_noise, video_noise=video_noise)
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt or "") if guidance_scale > 1.0 else None
-        final = self.denoise(conditioning, positive, negative, guidance_scale, callback)
-        return GenerationResult(frames=self.decode(final), latents=final.cpu())
+        final = self.denoise(conditioning, positive, negative, guidance_scale, callback, cache=cache)
+        return GenerationResult(frames=self.decode(final), latents=final.cpu(), cache_stats=self.last_cache_stats)
 
     def generate_long(self, prompt, negative_prompt="", *, height, width, num_frames, chunk_frames=49,
                       overlap_frames=4, mode="continue", num_inference_steps=50, guidance_scale=6.0, sampler="DDIM",

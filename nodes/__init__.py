@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 import folder_paths
 
 from ..example_inputs import copy_missing
-from . import conditioning, loaders, long_video, native, routes, sampling, training, vae
+from . import cache, conditioning, loaders, long_video, native, routes, sampling, training, vae
 from .comfy_bridge import log
 
 loaders.register_model_folder()
@@ -36,6 +36,7 @@ NODES = [
     training.TrainingDataset,
     training.TrainLora,
     *native.NODES,
+    cache.CacheNode,
 ]
 
 

@@ -12,6 +12,7 @@ from ..easyanimate_core.lora import set_loras
 from ..easyanimate_core.models.vae import DiagonalGaussian
 from ..easyanimate_core.pipeline import KIND_NAMES, Pipeline
 from ..easyanimate_core.samplers import DEFAULT_SAMPLER, MIN_STEPS
+from .cache import CacheType
 from .comfy_bridge import SamplingProgress, check_interrupted, compute_device, previews_enabled
 from .conditioning import CATEGORY, LATENT_CHANNELS, check_choice, ui_text
 from .inputs import report
@@ -114,13 +115,16 @@ class Sampler(io.ComfyNode):
                 VideoConditioningType.Input("video_conditioning", optional=True,
                                             tooltip="From Image to Video, Video Inpaint (InP models) or Control "
                                                     "Video (Control models)."),
+                CacheType.Input("cache", optional=True,
+                                tooltip="From EasyAnimate Cache: skip transformer passes that would change little "
+                                        "(faster; the node reports how many were skipped)."),
             ],
             outputs=[io.Latent.Output("latent", tooltip="The denoised video latent, for EasyAnimate VAE Decode.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float,
-                sampler_name: str, denoise: float, video_conditioning=None) -> io.NodeOutput:
+                sampler_name: str, denoise: float, video_conditioning=None, cache=None) -> io.NodeOutput:
         check_choice("sampler_name", sampler_name, SAMPLER_NAMES)
         check_steps_input(sampler_name, steps, denoise)
         height, width, frames = latent_geometry(latent_image)
@@ -141,7 +145,8 @@ class Sampler(io.ComfyNode):
 
         pipe = Pipeline(transformer=model.transformer, vae=vae.vae, text_encoders=None,
                         scheduler_config=model.scheduler_config, kind=model.kind,
-                        add_noise_in_inpaint_model=model.add_noise_in_inpaint_model, device=device, dtype=model.dtype)
+                        add_noise_in_inpaint_model=model.add_noise_in_inpaint_model, device=device, dtype=model.dtype,
+                        model_dir=_model_folder(model) if cache is not None else None)
         pipe.check_request(**inputs, strength=denoise, video_latent_dist=posterior)
         check_interrupted()
 
@@ -162,7 +167,8 @@ class Sampler(io.ComfyNode):
         lora_report = set_loras(model.transformer, list(model.loras))
         progress = SamplingProgress(len(prepared.timesteps), _preview_decoder(model) if preview else None)
         try:
-            final = pipe.denoise(prepared, positive.embeds, negative.embeds if cfg > 1.0 else None, cfg, progress)
+            final = pipe.denoise(prepared, positive.embeds, negative.embeds if cfg > 1.0 else None, cfg, progress,
+                                 cache=cache)
         finally:
             if preview:
                 model.vae.module.release()
@@ -175,10 +181,23 @@ class Sampler(io.ComfyNode):
             notes.extend(cond.notes)
         if model.loras:
             notes.append("LoRA: " + lora_report.summary().replace("\n", "; "))
+        if pipe.last_cache_stats is not None:
+            notes.append(f"step cache: {pipe.last_cache_stats.describe()}")
         report("Sampler", warnings)
         # LATENT holds unscaled VAE latents, ComfyUI's convention (its samplers scale by the latent format).
         return io.NodeOutput({"samples": final.float().cpu() / vae.vae.scaling_factor},
                              ui=ui_text(notes + warnings))
+
+
+def _model_folder(model):
+    """The model's folder (where a TeaCache calibration file lives), or None when it cannot be found."""
+    from ..easyanimate_core.errors import ModelFolderError
+    from .loaders import resolve_model_folder
+
+    try:
+        return resolve_model_folder(model.name)
+    except ModelFolderError:  # moved or renamed since loading: the core's coefficients table still applies
+        return None
 
 
 def _preview_decoder(model):

@@ -32,6 +32,7 @@ REQUIRED = {
     "control (Canny)": ("EasyAnimate V5 - Control with Canny Edges.json", {"control"}),
     "control (pose video)": ("EasyAnimate V5 - Control with a Pose Video.json", {"control"}),
     "text to video + LoRA": ("EasyAnimate V5 - Text to Video with a LoRA.json", {"inpaint", "t2v"}),
+    "text to video with a step cache": ("EasyAnimate V5 - Text to Video with a Step Cache.json", {"t2v", "inpaint"}),
     "long video (continuation)": ("EasyAnimate V5 - Long Video.json", {"inpaint"}),
     "long video from an image": ("EasyAnimate V5 - Long Video from an Image.json", {"inpaint"}),
     "long control video (windows)": ("EasyAnimate V5 - Long Control Video.json", {"control"}),
