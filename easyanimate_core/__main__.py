@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--swap-blocks", type=int, default=None, metavar="N",
                      help="transformer blocks to swap with --memory block_swap/fp8_block_swap (default: the fewest "
                           "that fit); alone, it means --memory block_swap")
+    gen.add_argument("--parallel", default=None, metavar="SPEC",
+                     help='several GPUs/processes under torchrun, e.g. "ulysses=2,cfg=2" (ulysses × cfg processes: '
+                          "Ulysses splits the video tokens, cfg=2 the guided halves); rank 0 writes the video")
+    gen.add_argument("--backend", default=None, choices=["nccl", "gloo"],
+                     help="torch.distributed backend with --parallel (default: nccl on CUDA, gloo on the CPU)")
     return parser
 
 
@@ -80,25 +85,37 @@ def _generate(args) -> int:
             height, width = height or 384, width or 672
     strength = args.strength if args.strength is not None else (0.7 if video is not None and mask is None else 1.0)
 
+    device, say = args.device, print
+    if args.parallel:
+        from .parallel import init_distributed, parse_parallel
+
+        parse_parallel(args.parallel)  # a bad spec fails here, before any process group
+        device = init_distributed(args.device, args.backend)
+        if torch.distributed.get_rank() != 0:
+            def say(*_, **__):  # only rank 0 reports
+                return None
     t0 = time.perf_counter()
-    print(f"loading {args.model} on {args.device} ({dtype})…", flush=True)
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype,
+    say(f"loading {args.model} on {device} ({dtype})" + (f", {args.parallel}" if args.parallel else "") + "…",
+        flush=True)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype,
                          memory=requested_mode(args.memory, args.swap_blocks), swap_blocks=args.swap_blocks,
-                         plan_for=(height, width, args.frames))
-    print(pipe.memory_plan.describe(), flush=True)
+                         plan_for=(height, width, args.frames), parallel=args.parallel)
+    say(pipe.memory_plan.describe(), flush=True)
     if args.vae_tile:
         pipe.set_vae_tiling(True, args.vae_tile)
-    print(f"loaded a {pipe.kind} model in {time.perf_counter() - t0:.1f}s; generating {height}x{width}", flush=True)
+    say(f"loaded a {pipe.kind} model in {time.perf_counter() - t0:.1f}s; generating {height}x{width}", flush=True)
     t1 = time.perf_counter()
 
     def progress(info):
         elapsed = time.perf_counter() - t1
-        print(f"step {info.step}/{info.total} (t={info.timestep:.0f}) {elapsed:.1f}s", flush=True)
+        say(f"step {info.step}/{info.total} (t={info.timestep:.0f}) {elapsed:.1f}s", flush=True)
 
     result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
                            num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg,
                            sampler=args.sampler, seed=args.seed, start_image=start, end_image=end, video=video,
                            mask=mask, strength=strength, control_video=control, callback=progress)
+    if result.frames is None:  # a parallel rank other than 0: rank 0 writes the video
+        return 0
     path = write_video(args.out, result.frames, fps=args.fps)
     frames = result.frames
     print(f"wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {args.fps:g} fps "
@@ -117,6 +134,9 @@ def main(argv=None) -> int:
     except (EasyAnimateError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "parallel", None) and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
