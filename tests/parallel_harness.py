@@ -1,8 +1,14 @@
-"""Run the parallel pipeline in several gloo processes on the CPU (torch.multiprocessing), for the tests."""
+"""Run parallel jobs in several gloo processes on the CPU (torch.multiprocessing spawn), for the tests.
+
+A job is a dict: model, parallel, generate (kwargs of Pipeline.generate), optional load (kwargs of
+load_pipeline), loras ([(path, strength)]), fail_rank/fail_step (that rank's callback raises), or
+kind="comm" (both all_to_all paths on a test tensor). Each rank saves what it got per job.
+"""
 from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 from pathlib import Path
 
@@ -17,55 +23,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
+def _comm_job(rank: int, world: int) -> dict:
+    from easyanimate_core.parallel import comm
+
+    send = torch.arange(world * 6, dtype=torch.float32).reshape(world, 2, 3) + 100 * rank
+    got = {}
+    for path in ("all_to_all_single", "all_gather"):
+        comm.ALL_TO_ALL_PATH.pop("gloo", None)
+        os.environ["EASYANIMATE_ALL_TO_ALL"] = "gather" if path == "all_gather" else ""
+        got[path] = comm.all_to_all(send, dist.group.WORLD)
+        got[path + "_used"] = comm.ALL_TO_ALL_PATH["gloo"]
+    os.environ["EASYANIMATE_ALL_TO_ALL"] = ""
+    comm.ALL_TO_ALL_PATH.pop("gloo", None)
+    return got
+
+
+def _generate_job(rank: int, job: dict) -> dict:
+    from easyanimate_core import load_pipeline
+    from easyanimate_core.parallel.comm import ALL_TO_ALL_PATH
+
+    pipe = load_pipeline(job["model"], parallel=job["parallel"], **job.get("load", {}))
+    if job.get("loras"):
+        pipe.set_loras(job["loras"])
+    kwargs = dict(job["generate"])
+    steps = []
+
+    def callback(info):
+        steps.append(info.step)
+        if job.get("fail_rank") == rank and info.step == job.get("fail_step", 1):
+            raise RuntimeError(f"rank {rank} fails on purpose")
+
+    result = pipe.generate(**kwargs, callback=callback)
+    return {"latents": result.latents, "frames": result.frames, "all_to_all": dict(ALL_TO_ALL_PATH), "steps": steps,
+            "has_vae": pipe.vae is not None, "has_text": pipe.text_encoders is not None,
+            "blocks_runner_after": pipe.transformer.blocks_runner,
+            "attention_fns_after": {b.attention_fn.__name__ for b in pipe.transformer.transformer_blocks}}
+
+
+def _rank_main(rank: int, world: int, port: int, jobs: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    for key, value in job.get("env", {}).items():
-        os.environ[key] = value
     out = Path(out_dir)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        from easyanimate_core import load_pipeline
-        from easyanimate_core.parallel.comm import ALL_TO_ALL_PATH
-
-        pipe = load_pipeline(job["model"], parallel=job["parallel"], **job.get("load", {}))
-        if job.get("loras"):
-            pipe.set_loras(job["loras"])
-        kwargs = dict(job["generate"])
-        if job.get("fail_rank") == rank:
-            def callback(info):
-                if info.step == job.get("fail_step", 1):
-                    raise RuntimeError(f"rank {rank} fails on purpose")
-            kwargs["callback"] = callback
-        result = pipe.generate(**kwargs)
-        torch.save({"latents": result.latents, "frames": result.frames, "all_to_all": dict(ALL_TO_ALL_PATH),
-                    "has_vae": pipe.vae is not None, "has_text": pipe.text_encoders is not None},
-                   out / f"rank{rank}.pt")
-    except BaseException as exc:  # noqa: BLE001 - reported to the test through a file
-        (out / f"rank{rank}.error").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        for index, job in enumerate(jobs):
+            try:
+                result = _comm_job(rank, world) if job.get("kind") == "comm" else _generate_job(rank, job)
+            except Exception as exc:  # noqa: BLE001 - reported to the test through the result
+                result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            torch.save(result, out / f"job{index}_rank{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_parallel(world: int, job: dict, out_dir: Path, timeout_s: float = 300) -> dict:
-    """Run `job` on `world` gloo ranks; {rank: saved result dict or the error text}."""
+def run_parallel(world: int, jobs: list[dict], out_dir: Path, timeout_s: float = 600) -> list[dict]:
+    """Run `jobs` one after the other on `world` gloo ranks; per job, {rank: saved result dict}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(_rank_main, args=(world, free_port(), job, str(out_dir)), nprocs=world,
+    context = mp.start_processes(_rank_main, args=(world, free_port(), jobs, str(out_dir)), nprocs=world,
                                  join=False, start_method="spawn")
-    import time
-
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            raise TimeoutError(f"parallel job did not finish in {timeout_s}s")
-    results = {}
-    for rank in range(world):
-        error = out_dir / f"rank{rank}.error"
-        results[rank] = error.read_text() if error.exists() else torch.load(out_dir / f"rank{rank}.pt",
-                                                                             weights_only=False)
-    return results
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"parallel jobs did not finish in {timeout_s}s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [{rank: torch.load(out_dir / f"job{i}_rank{rank}.pt", weights_only=False) for rank in range(world)}
+            for i in range(len(jobs))]

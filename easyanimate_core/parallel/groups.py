@@ -82,11 +82,11 @@ def make_groups(spec, heads: int | None = None) -> ParallelGroups:
     """Build the Ulysses and CFG groups of `spec` in the initialised default group (collective: every
     rank calls it, in the same order). Checks the world size and, given `heads`, the Ulysses degree."""
     spec = parse_parallel(spec)
-    if not dist.is_available() or not dist.is_initialized():
-        raise ParallelError("parallel sampling needs an initialised torch.distributed process group "
-                            "(torch.distributed.init_process_group, or launch with torchrun)")
     if heads is not None:
         spec.check_heads(heads)
+    if not dist.is_available() or not dist.is_initialized():
+        raise ParallelError("parallel sampling needs an initialised torch.distributed process group "
+                            "(torch.distributed.init_process_group on every rank, or launch with torchrun)")
     world, rank = dist.get_world_size(), dist.get_rank()
     spec.check_world(world)
     ulysses_groups = [dist.new_group(list(range(c * spec.ulysses, (c + 1) * spec.ulysses)))
