@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loaders, sampling, vae
+from . import conditioning, loaders, multi_gpu, sampling, vae
 
 loaders.register_model_folder()
 
@@ -20,6 +20,7 @@ NODES = [
     sampling.Sampler,
     vae.VAEDecode,
     vae.VAEEncode,
+    multi_gpu.MultiGPULoader,
 ]
 
 

@@ -17,10 +17,9 @@ import torch.distributed as dist
 
 from ..pipeline import Conditioning, Pipeline, StepInfo
 from ..text import PromptEmbeds
-from .cfg import CfgModelFn
 from .groups import ParallelGroups
 from .spec import ParallelError
-from .ulysses import UlyssesRunner
+from .split import split_transformer
 
 
 class ParallelPipeline(Pipeline):
@@ -54,18 +53,9 @@ class ParallelPipeline(Pipeline):
                 model_fn=None, step_hook=None) -> torch.Tensor:
         """Pipeline.denoise split over the ranks; a callback that raises on any rank stops every rank after
         that step (the others raise ParallelError), so no rank is left waiting in a collective."""
-        spec, transformer = self.groups.spec, self.transformer
-        if spec.cfg > 1:
-            model_fn = CfgModelFn(self.groups.cfg_group, self.groups.cfg_rank, **({"inner": model_fn} if model_fn else {}))
-        previous = transformer.blocks_runner
-        if spec.ulysses > 1:
-            transformer.blocks_runner = UlyssesRunner(self.groups.ulysses_group, spec.ulysses,
-                                                      self.groups.ulysses_rank, inner=previous)
-        try:
+        with split_transformer(self.transformer, self.groups, model_fn) as split_fn:
             return super().denoise(conditioning, positive, negative, guidance_scale, self._agreed(callback),
-                                   model_fn=model_fn, step_hook=step_hook)
-        finally:
-            transformer.blocks_runner = previous
+                                   model_fn=split_fn, step_hook=step_hook)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor):
