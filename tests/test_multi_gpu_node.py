@@ -89,7 +89,7 @@ def test_multi_gpu_loader_equals_one_process_and_survives_cancel_and_a_dead_work
     workers = worker_pids()
     assert len(workers) == len(before) + 2
     entry = run_ok(comfy, multi_gpu_graph("ulysses", seed=7))  # no LoRA: the workers drop it
-    assert node_texts(entry, "1")[1] == "workers started 1x" and worker_pids() == workers
+    assert worker_pids() == workers  # the same processes
     assert (saved_latent(comfy, entry) - core_latents(tiny_pipeline, 7)).abs().max() <= TOLERANCE
 
     # Cancel mid-run: the run is interrupted, the workers stay, the next run is exact
@@ -112,6 +112,6 @@ def test_multi_gpu_loader_equals_one_process_and_survives_cancel_and_a_dead_work
     while any(pid in worker_pids() for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not set(workers) & set(worker_pids())
-    entry = run_ok(comfy, multi_gpu_graph("ulysses", seed=5))
-    assert node_texts(entry, "1")[1] == "workers started 2x"
+    entry = run_ok(comfy, multi_gpu_graph("ulysses", seed=5))  # fresh workers, started by the sampler's first call
+    assert len(worker_pids()) == len(before) + 2 and not set(workers) & set(worker_pids())
     assert (saved_latent(comfy, entry) - core_latents(tiny_pipeline, 5)).abs().max() <= TOLERANCE

@@ -224,3 +224,13 @@ def test_cli_parallel_errors(tmp_path):
     assert nccl.returncode == 2 and "NCCL" in nccl.stderr and "gloo" in nccl.stderr
     world = _cli(*args, env=env)
     assert world.returncode == 2 and "needs ulysses × cfg = 2 processes, but the process group has 1" in world.stderr
+
+
+def test_parallel_comm_benchmark_prints_every_layout():
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "parallel_comm.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if "ulysses=" in line]
+    assert len(rows) == 12 and all(line.count("x") >= 3 for line in rows)
+    # cfg=2 alone sends only the prediction: close to a 2x speed-up on either link
+    assert " 2.00x" in next(line for line in rows if "ulysses=1,cfg=2" in line)
