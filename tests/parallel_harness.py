@@ -55,7 +55,7 @@ def _generate_job(rank: int, job: dict) -> dict:
 
     result = pipe.generate(**kwargs, callback=callback)
     return {"latents": result.latents, "frames": result.frames, "all_to_all": dict(ALL_TO_ALL_PATH), "steps": steps,
-            "has_vae": pipe.vae is not None, "has_text": pipe.text_encoders is not None,
+            "plan": pipe.memory_plan.describe(), "has_vae": pipe.vae is not None, "has_text": pipe.text_encoders is not None,
             "blocks_runner_after": pipe.transformer.blocks_runner,
             "attention_fns_after": {b.attention_fn.__name__ for b in pipe.transformer.transformer_blocks}}
 

@@ -12,7 +12,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from comfy_server import execution_error, node_texts
 from conftest import TINY_LORAS

@@ -65,6 +65,8 @@ def cases(tmp_path_factory):
         "inp_u2_i2v": (2, INP, "ulysses=2", dict(height=64, width=112, num_frames=5, start_image=IMAGE)),
         "control_u2": (2, CONTROL, "ulysses=2", dict(height=64, width=112, num_frames=5, control_video=VIDEO)),
         "t2v_cfg2": (2, T2V, "cfg=2", dict(height=64, width=112, num_frames=5, sampler="Euler")),
+        # a memory mode on every rank: block swap moves weights, not numbers
+        "t2v_u2_block_swap": (2, T2V, "ulysses=2", dict(height=64, width=112, num_frames=5)),
         # 48x80, 5 frames: 30 tokens over 4 ranks (8, 8, 8, 6)
         "t2v_u4_uneven": (4, "4heads", "ulysses=4", dict(height=48, width=80, num_frames=5)),
         "inp_u2_cfg2_v2v": (4, INP, "ulysses=2,cfg=2", dict(height=64, width=112, num_frames=5, video=VIDEO,
@@ -79,7 +81,8 @@ def cases(tmp_path_factory):
         single.set_loras(loras[model])
         expected[name] = single.generate(**generate)
         jobs[world].append({"name": name, "model": str(models[model]), "parallel": spec, "generate": generate,
-                            "loras": loras[model]})
+                            "loras": loras[model],
+                            "load": {"memory": "block_swap", "swap_blocks": 1} if "block_swap" in name else {}})
     jobs[2].insert(0, {"kind": "comm", "name": "comm"})
     jobs[2].append({"name": "rank1_fails", "model": str(models[T2V]), "parallel": "ulysses=2", "fail_rank": 1,
                     "generate": {**BASE, "height": 48, "width": 80, "num_frames": 1, "num_inference_steps": 3}})
@@ -90,7 +93,8 @@ def cases(tmp_path_factory):
     return results, expected
 
 
-@pytest.mark.parametrize("name", ["t2v_u2_uneven", "inp_u2_i2v", "control_u2", "t2v_cfg2", "t2v_u4_uneven",
+@pytest.mark.parametrize("name", ["t2v_u2_uneven", "inp_u2_i2v", "control_u2", "t2v_cfg2", "t2v_u2_block_swap",
+                                  "t2v_u4_uneven",
                                   "inp_u2_cfg2_v2v", "control_u2_cfg2"])
 def test_parallel_equals_single_process(cases, name):
     results, expected = cases
@@ -109,6 +113,8 @@ def test_parallel_equals_single_process(cases, name):
         # every rank ends with the same latents; only rank 0 holds the VAE/text encoders and decodes
         assert torch.equal(got["latents"], driver["latents"])
         assert got["blocks_runner_after"] is None and got["attention_fns_after"] == {"sdpa_attention"}
+        if "block_swap" in name:
+            assert "1 of 2 blocks swapped" in got["plan"], got["plan"]
         if rank:
             assert got["frames"] is None and not got["has_vae"] and not got["has_text"]
     if "u" in name.split("_")[1]:

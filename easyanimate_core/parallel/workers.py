@@ -163,6 +163,12 @@ class WorkerGroup:
             conn.close()
         self.processes, self.conns = [], []
 
+    def _settle(self, timeout_s: float = 2.0) -> None:
+        """Give a worker that is going down (its socket already closed) the moment it takes to exit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and all(p.poll() is None for p in self.processes):
+            time.sleep(0.02)
+
     def _check_alive(self, when: str) -> None:
         for rank, process in enumerate(self.processes):
             code = process.poll()
@@ -187,16 +193,18 @@ class WorkerGroup:
                 try:
                     message = recv_message(conn)
                 except (EOFError, OSError):
+                    self._settle()
                     self._check_alive("during a run")
                     self.kill()
-                    raise WorkerError("a worker closed its connection; all workers were stopped") from None
+                    raise WorkerError("an EasyAnimate worker closed its connection; all workers were stopped and "
+                                      "will be started again on the next run") from None
                 kind = message[0]
                 if kind == "error":
                     _, rank, text, exc, trace = message
                     if expect == ("loras",) and exc is not None:  # same on every rank, before any collective
                         replies[rank] = _host_error(*exc)
                         continue
-                    time.sleep(0.5)  # a peer's death shows up as this worker's connection error: name the dead one
+                    self._settle()  # a peer's death shows up as this worker's connection error: name the dead one
                     self._check_alive("during a run")
                     self.kill()
                     raise WorkerError(f"EasyAnimate worker {rank} failed: {text}; all workers were stopped and "
