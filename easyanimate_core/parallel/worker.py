@@ -42,6 +42,10 @@ class Cancelled(Exception):
     """The controller asked to stop the call in progress."""
 
 
+def _say(rank: int, text: str) -> None:
+    print(f"EasyAnimate worker {rank}: {text}", file=sys.stderr, flush=True)
+
+
 def _config() -> dict:
     return json.loads(os.environ["EASYANIMATE_WORKER_CONFIG"])
 
@@ -98,9 +102,11 @@ def serve(conn, config: dict) -> None:
     else:
         torch.set_num_threads(int(config.get("threads") or max(1, (os.cpu_count() or 1) // world)))
     backend = config["backend"]
+    _say(rank, f"connected; joining a {world}-process {backend} group")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{config['port']}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=float(config.get("timeout_s", 1800))))
     transformer = _load(config, device)
+    _say(rank, f"transformer loaded on {device}")
     groups = make_groups(config["parallel"], heads=transformer.config.num_attention_heads)
     sync_device = device if backend == "nccl" else torch.device("cpu")
     cancel, inbox = threading.Event(), queue.Queue()

@@ -56,7 +56,7 @@ class WorkerGroup:
 
     def __init__(self, model_dir, parallel, *, devices: list[str], dtype: torch.dtype = torch.float32,
                  backend: Optional[str] = None, fp8: bool = False, swap_blocks: int = 0, attention: str = "sdpa",
-                 startup_timeout_s: float = 600, threads: Optional[int] = None):
+                 startup_timeout_s: float = 300, threads: Optional[int] = None):
         from ..loading import validate_model_dir
         from .groups import default_backend
 
@@ -111,8 +111,7 @@ class WorkerGroup:
                 self.processes.append(subprocess.Popen([sys.executable, "-m", "easyanimate_core.parallel.worker"],
                                                        env=dict(env), cwd=str(PACKAGE_ROOT)))
             self.conns = self._accept(listener, world)
-            for _ in range(world):
-                self._receive(expect=("ready",), from_all=False)
+            self._receive(expect=("ready",), from_all=True, deadline=time.monotonic() + self.startup_timeout_s)
             self.starts += 1
             return self
         except BaseException:
@@ -180,7 +179,7 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------ messages
     def _receive(self, expect: tuple[str, ...], from_all: bool, poll: Optional[Callable[[], None]] = None,
-                 on_cancel: Optional[Callable[[], None]] = None):
+                 deadline: Optional[float] = None):
         """The next message of a kind in `expect` (from rank 0, or one per worker when `from_all`), checking
         `poll` (which raises to cancel) and the workers' liveness meanwhile."""
         replies, interrupt = {}, None
@@ -216,6 +215,11 @@ class WorkerGroup:
                     replies[message[1] if from_all else 0] = message
             if not ready:
                 self._check_alive("during a run")
+                if deadline is not None and time.monotonic() > deadline:
+                    self.kill()
+                    raise WorkerError(f"the EasyAnimate workers were not ready within {self.startup_timeout_s:.0f}s "
+                                      f"({len(replies)} of {wanted} answered); all were stopped. The log shows how "
+                                      "far each got.")
                 if poll is not None and interrupt is None:
                     try:
                         poll()
