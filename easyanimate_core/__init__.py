@@ -81,7 +81,7 @@ def load_vae(files, *, dtype: torch.dtype, device="cpu"):
 @torch.inference_mode(False)  # plain tensors even when called under inference_mode (ComfyUI runs nodes so)
 def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype=torch.float32,
                   fp8: bool = False, memory: str = "gpu", swap_blocks: int | None = None,
-                  plan_for: tuple[int, int, int] | None = None) -> Pipeline:
+                  plan_for: tuple[int, int, int] | None = None, parallel=None) -> Pipeline:
     """Validate a model folder (original layout) and load every component onto `device` in `dtype`.
 
     `fp8=True` stores the transformer blocks' Linear weights in float8 (computing in `dtype`).
@@ -90,19 +90,32 @@ def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dty
     moves to `device` only for its stage. `swap_blocks` is N for the block-swap modes (None: the
     fewest that fit). "auto" plans for a `plan_for` = (height, width, frames) video (default
     384x672x49) in the device's free memory. `pipe.memory_plan.describe()` says what was chosen.
+
+    `parallel` ("ulysses=2,cfg=2", see easyanimate_core/parallel): call on every rank of an initialised
+    torch.distributed process group; returns a ParallelPipeline whose stages all ranks call together.
+    Rank 0 loads everything, the other ranks the transformer only; the memory mode applies on each rank.
     """
     from .memory import apply_plan, plan_for_files
 
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     files = validate_model_dir(model_dir)
+    pipeline_class, extra = Pipeline, {}
+    if parallel is not None:
+        from .parallel import ParallelPipeline, make_groups
+        from .models.transformer import TransformerConfig
+
+        heads = TransformerConfig.from_dict(files.transformer_config).num_attention_heads
+        pipeline_class, extra = ParallelPipeline, {"groups": make_groups(parallel, heads=heads)}
+    driver = parallel is None or extra["groups"].is_driver  # the rank that encodes text, prepares and decodes
     plan = plan_for_files(files, memory, device, dtype, fp8=fp8, swap_blocks=swap_blocks, plan_for=plan_for)
     home = torch.device("cpu") if plan.offload else device  # where the weights live between stages
     text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # mT5 overflows in fp16
-    return apply_plan(Pipeline(
+    return apply_plan(pipeline_class(
+        **extra,
         transformer=load_transformer(files, dtype=dtype, device=home, fp8=plan.fp8),
-        vae=load_vae(files, dtype=dtype, device=home),
-        text_encoders=TextEncoders.from_model_dir(files.root, dtype=text_dtype, device=home),
+        vae=load_vae(files, dtype=dtype, device=home) if driver else None,
+        text_encoders=TextEncoders.from_model_dir(files.root, dtype=text_dtype, device=home) if driver else None,
         scheduler_config=files.scheduler_config,
         kind=files.kind,
         add_noise_in_inpaint_model=bool(files.transformer_config.get("add_noise_in_inpaint_model", False)),

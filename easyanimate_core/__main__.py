@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     from .training.cli import add_parser as add_train_lora
 
     add_train_lora(sub)
+    gen.add_argument("--parallel", default=None, metavar="SPEC",
+                     help='several GPUs/processes under torchrun, e.g. "ulysses=2,cfg=2" (ulysses × cfg processes: '
+                          "Ulysses splits the video tokens, cfg=2 the guided halves); rank 0 writes the video")
+    gen.add_argument("--backend", default=None, choices=["nccl", "gloo"],
+                     help="torch.distributed backend with --parallel (default: nccl on CUDA, gloo on the CPU)")
     return parser
 
 
@@ -177,10 +182,16 @@ def cpu_warning(files) -> str | None:
 def _generate(args) -> int:
     model_dir = _model_folder(args)
     files = validate_model_dir(model_dir)
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        print(cpu_warning(files), flush=True)
-    args.device = str(device)
+    if args.parallel and args.long:
+        raise EasyAnimateError("--long cannot be combined with --parallel yet: run the long video on one GPU")
+    if args.parallel:  # torchrun: each rank takes its own GPU (cuda:LOCAL_RANK) in init_distributed below
+        device = torch.device(args.device) if args.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = pick_device(args.device)
+        if device.type == "cpu":
+            print(cpu_warning(files), flush=True)
+        args.device = str(device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     start = read_image(args.start_image) if args.start_image else None
     end = read_image(args.end_image) if args.end_image else None
@@ -199,20 +210,31 @@ def _generate(args) -> int:
     strength = args.strength if args.strength is not None else (0.7 if video is not None and mask is None else 1.0)
     cache = CacheSettings.parse(args.cache) if args.cache else None
 
+    say = print
+    if args.parallel:
+        from .parallel import init_distributed, parse_parallel
+
+        parse_parallel(args.parallel)  # a bad spec fails here, before any process group
+        device = init_distributed(args.device, args.backend)
+        if torch.distributed.get_rank() != 0:
+            def say(*_, **__):  # only rank 0 reports
+                return None
     t0 = time.perf_counter()
-    print(f"loading {model_dir} on {args.device} ({dtype})…", flush=True)
-    pipe = load_pipeline(model_dir, device=args.device, dtype=dtype,
+    say(f"loading {model_dir} on {device} ({dtype})" + (f", {args.parallel}" if args.parallel else "") + "…",
+        flush=True)
+    pipe = load_pipeline(model_dir, device=device, dtype=dtype,
                          memory=requested_mode(args.memory, args.swap_blocks), swap_blocks=args.swap_blocks,
-                         plan_for=(height, width, args.chunk_frames if args.long else args.frames))
-    print(pipe.memory_plan.describe(), flush=True)
+                         plan_for=(height, width, args.chunk_frames if args.long else args.frames),
+                         parallel=args.parallel)
+    say(pipe.memory_plan.describe(), flush=True)
     if args.vae_tile:
         pipe.set_vae_tiling(True, args.vae_tile)
-    print(f"loaded a {pipe.kind} model in {time.perf_counter() - t0:.1f}s; generating {height}x{width}", flush=True)
+    say(f"loaded a {pipe.kind} model in {time.perf_counter() - t0:.1f}s; generating {height}x{width}", flush=True)
     t1 = time.perf_counter()
 
     def progress(info):
         elapsed = time.perf_counter() - t1
-        print(f"step {info.step}/{info.total} (t={info.timestep:.0f}) {elapsed:.1f}s", flush=True)
+        say(f"step {info.step}/{info.total} (t={info.timestep:.0f}) {elapsed:.1f}s", flush=True)
 
     if args.long:
         return _generate_long(args, pipe, height, width, start, end, control, t0)
@@ -222,6 +244,8 @@ def _generate(args) -> int:
                            num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg,
                            sampler=args.sampler, seed=args.seed, start_image=start, end_image=end, video=video,
                            mask=mask, strength=strength, control_video=control, callback=progress, cache=cache)
+    if result.frames is None:  # a parallel rank other than 0: rank 0 writes the video
+        return 0
     if result.cache_stats is not None:
         print(f"step cache: {result.cache_stats.describe()}", flush=True)
     path = write_video(args.out, result.frames, fps=args.fps)
@@ -274,6 +298,9 @@ def main(argv=None) -> int:
     except (EasyAnimateError, FileNotFoundError, ValueError) as exc:  # ModelDownloadError is an EasyAnimateError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "parallel", None) and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

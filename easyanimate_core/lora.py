@@ -87,7 +87,12 @@ def set_loras(transformer: nn.Module, loras: list[tuple[str | os.PathLike, float
     Raises CheckpointError for a file that is unreadable, matches no layer, or has wrong shapes, and
     ModelFolderError (a FileNotFoundError) for a missing file. With block swap on, the swapped blocks
     hold their real tensors meanwhile, and their new factors are swapped out with them afterwards.
+    A transformer run by worker processes (parallel/workers.py) has them set there, through its
+    `set_loras_remote`.
     """
+    remote = getattr(transformer, "set_loras_remote", None)
+    if remote is not None:
+        return remote(list(loras))
     with suspended(transformer):
         return _set_loras(transformer, loras)
 

@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 import folder_paths
 
 from ..example_inputs import copy_missing
-from . import cache, conditioning, loaders, long_video, native, routes, sampling, training, vae
+from . import cache, conditioning, loaders, long_video, multi_gpu, native, routes, sampling, training, vae
 from .comfy_bridge import log
 
 loaders.register_model_folder()
@@ -37,6 +37,7 @@ NODES = [
     training.TrainLora,
     *native.NODES,
     cache.CacheNode,
+    multi_gpu.MultiGPULoader,
 ]
 
 
