@@ -17,8 +17,8 @@ from ..easyanimate_core.attention import BACKENDS, DEFAULT_BACKEND, get_attentio
 from ..easyanimate_core.block_swap import enable_block_swap
 from ..easyanimate_core.download import ModelDownloadError, ensure_model, is_partial_download, official_name
 from ..easyanimate_core.errors import CheckpointError, EasyAnimateError, ModelFolderError, UnsupportedRequestError
-from ..easyanimate_core.loading import (EXPECTED_TREE, OFFICIAL_MODELS, SINGLE_FILE_SUFFIXES, download_hint,
-                                        single_file_error, validate_model_dir)
+from ..easyanimate_core.loading import (EXPECTED_TREE, OFFICIAL_MODELS, PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES,
+                                        download_hint, single_file_error, validate_model_dir)
 from ..easyanimate_core.lora import pickle_lora_message, set_loras
 from ..easyanimate_core.memory import MEMORY_MODES, plan_for_files, requested_mode
 from ..easyanimate_core.models.transformer import compile_transformer_blocks

@@ -352,6 +352,8 @@ class Recorder:
         pipe.transformer.register_forward_pre_hook(lambda m, a: self.events.append(("forward", self.active())))
         decode = pipe.vae.decode
         pipe.vae.decode = lambda z: (self.events.append(("decode", self.active())), decode(z))[1]
+        pieces = pipe.vae.decode_pieces  # what vae_io.decode_latents calls: one causal chunk at a time
+        pipe.vae.decode_pieces = lambda z: (self.events.append(("decode", self.active())), pieces(z))[1]
         encode = pipe.vae.encode
         pipe.vae.encode = lambda x: (self.events.append(("encode", self.active())), encode(x))[1]
 
