@@ -84,6 +84,17 @@ def _size_inputs():
     ]
 
 
+def prompt_inputs():
+    """The prompt and negative prompt inputs of both text encode nodes."""
+    return [
+        io.String.Input("prompt", multiline=True, default="",
+                        tooltip="What the video shows. English or Chinese; up to 256 mT5 tokens are used."),
+        io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
+                        tooltip="What to avoid. The default is the official one (distorted bodies, "
+                                "subtitles, comics, static, ugly, errors, garbled text)."),
+    ]
+
+
 class TextEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -94,11 +105,7 @@ class TextEncode(io.ComfyNode):
             description="Encodes the prompt and the negative prompt with BERT + mT5.",
             inputs=[
                 TextEncodersType.Input("text_encoders", tooltip="From the EasyAnimate Model Loader."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="What the video shows. English or Chinese; up to 256 mT5 tokens are used."),
-                io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
-                                tooltip="What to avoid. The default is the official one (distorted bodies, "
-                                        "subtitles, comics, static, ugly, errors, garbled text)."),
+                *prompt_inputs(),
             ],
             outputs=[
                 TextConditioningType.Output("positive", tooltip="The encoded prompt."),

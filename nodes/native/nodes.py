@@ -9,7 +9,8 @@ from ...easyanimate_core.buckets import latent_frames
 from ...easyanimate_core.latent_rgb import fit_latent_rgb_factors
 from ...easyanimate_core.pipeline import Pipeline
 from ..comfy_bridge import compute_device, log
-from ..conditioning import LATENT_CHANNELS, MAX_FRAMES, _size_inputs, target_size, ui_text, usable_frames
+from ..conditioning import (LATENT_CHANNELS, MAX_FRAMES, _size_inputs, prompt_inputs, target_size, ui_text,
+                            usable_frames)
 from ..types import ModelType, TextEncodersType
 from .model import (CONTROL_KEY, INPAINT_KEY, LORAS_OPTION, T5_KEY, EasyAnimateModelPatcher, build_base_model,
                     unload_patcher)
@@ -80,11 +81,7 @@ class TextEncodeConditioning(io.ComfyNode):
                         "KSampler and other core sampling nodes with the EasyAnimate MODEL.",
             inputs=[
                 TextEncodersType.Input("text_encoders", tooltip="From the EasyAnimate Model Loader."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="What the video shows. English or Chinese; up to 256 mT5 tokens are used."),
-                io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
-                                tooltip="What to avoid. The default is the official one (distorted bodies, "
-                                        "subtitles, comics, static, ugly, errors, garbled text)."),
+                *prompt_inputs(),
             ],
             outputs=[
                 io.Conditioning.Output("positive", tooltip="BERT states, with the mT5 states attached."),
