@@ -325,5 +325,9 @@ def make_step_cache(settings: Optional[CacheSettings], transformer, model_dir=No
     """The StepCache for one denoise (None for no cache); teacache reads this model's coefficients."""
     if settings is None:
         return None
+    if not hasattr(transformer, "run_blocks"):  # e.g. the multi-GPU workers' stand-in: the blocks run elsewhere
+        raise UnsupportedRequestError(
+            "step caching runs inside the transformer's block stack, which this model runs in other processes "
+            "(multi-GPU workers): disconnect the cache, or load the model with the single-GPU Model Loader")
     coefficients = load_coefficients(transformer, model_dir) if settings.policy == "teacache" else None
     return StepCache(settings, coefficients)

@@ -50,12 +50,18 @@ class ParallelPipeline(Pipeline):
     @torch.inference_mode()
     def denoise(self, conditioning: Conditioning, positive: PromptEmbeds, negative: Optional[PromptEmbeds] = None,
                 guidance_scale: float = 6.0, callback: Optional[Callable[[StepInfo], None]] = None, *,
-                model_fn=None, step_hook=None) -> torch.Tensor:
+                model_fn=None, step_hook=None, cache=None) -> torch.Tensor:
         """Pipeline.denoise split over the ranks; a callback that raises on any rank stops every rank after
-        that step (the others raise ParallelError), so no rank is left waiting in a collective."""
+        that step (the others raise ParallelError), so no rank is left waiting in a collective.
+
+        A step cache works with the Ulysses split (every rank of a group sees the same full input, so all
+        decide alike) but not with the CFG split: each half would decide on its own half of the batch."""
+        if cache is not None and self.groups.cfg_group is not None:
+            raise ParallelError("a step cache cannot be combined with cfg-parallel sampling yet (each half would "
+                                "skip on its own): use a ulysses-only layout, or sample without the cache")
         with split_transformer(self.transformer, self.groups, model_fn) as split_fn:
             return super().denoise(conditioning, positive, negative, guidance_scale, self._agreed(callback),
-                                   model_fn=split_fn, step_hook=step_hook)
+                                   model_fn=split_fn, step_hook=step_hook, cache=cache)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor):
