@@ -213,7 +213,7 @@ def load_components(name: str, precision: str = "auto", memory_mode: str = "auto
         ManagedModule(nn.ModuleDict({"bert": encoders.bert, "t5": encoders.t5}), "text", keep_loaded=keep),
         encoders, name)
     model = EasyAnimateModel(ManagedModule(transformer, "diffusion", keep_loaded=keep), name, pipe.kind,
-                             pipe.scheduler_config, pipe.add_noise_in_inpaint_model, dtype, vae)
+                             pipe.scheduler_config, pipe.add_noise_in_inpaint_model, dtype, vae, folder=folder)
     LOADED.put(key, (model, text, vae, plan))
     return model, text, vae, plan
 

@@ -170,5 +170,6 @@ def _host_components(files, name: str, dtype: torch.dtype, group: WorkerGroup):
     remote = RemoteTransformer(group, poll=check_interrupted)
     model = EasyAnimateModel(ManagedModule(remote, "diffusion", keep_loaded=True), name, files.kind,
                              files.scheduler_config,
-                             bool(files.transformer_config.get("add_noise_in_inpaint_model", False)), dtype, vae)
+                             bool(files.transformer_config.get("add_noise_in_inpaint_model", False)), dtype, vae,
+                             folder=files.root)
     return model, text, vae

@@ -146,7 +146,7 @@ class Sampler(io.ComfyNode):
         pipe = Pipeline(transformer=model.transformer, vae=vae.vae, text_encoders=None,
                         scheduler_config=model.scheduler_config, kind=model.kind,
                         add_noise_in_inpaint_model=model.add_noise_in_inpaint_model, device=device, dtype=model.dtype,
-                        model_dir=_model_folder(model) if cache is not None else None)
+                        model_dir=model.folder)
         pipe.check_request(**inputs, strength=denoise, video_latent_dist=posterior)
         check_interrupted()
 
@@ -187,17 +187,6 @@ class Sampler(io.ComfyNode):
         # LATENT holds unscaled VAE latents, ComfyUI's convention (its samplers scale by the latent format).
         return io.NodeOutput({"samples": final.float().cpu() / vae.vae.scaling_factor},
                              ui=ui_text(notes + warnings))
-
-
-def _model_folder(model):
-    """The model's folder (where a TeaCache calibration file lives), or None when it cannot be found."""
-    from ..easyanimate_core.errors import ModelFolderError
-    from .loaders import resolve_model_folder
-
-    try:
-        return resolve_model_folder(model.name)
-    except ModelFolderError:  # moved or renamed since loading: the core's coefficients table still applies
-        return None
 
 
 def _preview_decoder(model):

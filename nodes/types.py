@@ -7,6 +7,7 @@ rather than latents so the sampler encodes them with its own seed, exactly as th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -54,6 +55,7 @@ class EasyAnimateModel:
     dtype: torch.dtype
     vae: EasyAnimateVae           # the folder's own VAE, for previews and video-to-video
     loras: tuple = ()             # ((path, strength), ...) applied at sampling time
+    folder: Path | None = None    # the model folder it was loaded from (e.g. its step_cache.json)
 
     @property
     def transformer(self):
