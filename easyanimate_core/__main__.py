@@ -248,11 +248,7 @@ def _generate(args) -> int:
         return 0
     if result.cache_stats is not None:
         print(f"step cache: {result.cache_stats.describe()}", flush=True)
-    path = write_video(args.out, result.frames, fps=args.fps)
-    frames = result.frames
-    print(f"wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {args.fps:g} fps "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    return 0
+    return _write_output(args, result.frames, t0)
 
 
 def _generate_long(args, pipe, height, width, start, end, control, t0) -> int:
@@ -273,10 +269,14 @@ def _generate_long(args, pipe, height, width, start, end, control, t0) -> int:
                            control_video=control, callback=progress, fuse=args.fuse)
     for note in result.notes:
         print(f"note: {note}", flush=True)
-    path = write_video(args.out, result.frames, fps=args.fps)
-    frames = result.frames
-    print(f"{result.describe()}; wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at "
-          f"{args.fps:g} fps in {time.perf_counter() - t0:.1f}s", flush=True)
+    return _write_output(args, result.frames, t0, summary=f"{result.describe()}; ")
+
+
+def _write_output(args, frames, t0: float, summary: str = "") -> int:
+    """Write the frames to --out and say what was written, and how long the whole run took."""
+    path = write_video(args.out, frames, fps=args.fps)
+    print(f"{summary}wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {args.fps:g} fps "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
     return 0
 
 
