@@ -181,6 +181,28 @@ class ComfyServer:
         """POST /prompt: (HTTP status, response); a 400 carries the validation errors."""
         return self.post("/prompt", {"prompt": prompt, "client_id": "easyanimate-tests"})
 
+    def watch(self, prompt: dict, client_id: str, on_message, timeout: float = 120) -> dict:
+        """Queue `prompt` with a websocket open and pass each message to on_message: binary ones (preview frames)
+        as bytes, the others as the parsed event. Listening stops when on_message returns True or the prompt has
+        finished executing; the finished history entry is returned (after an interrupt too)."""
+        import websocket
+
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=timeout)
+        try:
+            status, answer = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+            assert status == 200, answer
+            while True:
+                message = ws.recv()
+                event = message if isinstance(message, bytes) else json.loads(message)
+                if on_message(event):
+                    break
+                if isinstance(event, dict) and event["type"] == "executing" and \
+                        event["data"].get("node") is None and event["data"].get("prompt_id") == answer["prompt_id"]:
+                    break
+        finally:
+            ws.close()
+        return self.wait(answer["prompt_id"])
+
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
         """The history entry of a queued prompt once it has finished (successfully or not)."""
         deadline = time.time() + timeout
@@ -199,6 +221,22 @@ class ComfyServer:
         if status != 200:
             raise AssertionError(f"prompt refused ({status}): {json.dumps(answer, indent=1)[:3000]}")
         return self.wait(answer["prompt_id"], timeout)
+
+
+def node_progress(event, node_id: str) -> tuple[int, int] | None:
+    """(value, max) when a websocket event (as ComfyServer.watch passes it) is a progress update of node_id."""
+    if isinstance(event, dict) and event["type"] == "progress" and event["data"].get("node") == node_id:
+        return event["data"]["value"], event["data"]["max"]
+    return None
+
+
+def interrupt_once(server: ComfyServer, event, node_id: str, at_step: int) -> bool:
+    """For ComfyServer.watch: POST /interrupt and stop listening (True) once node_id reports step at_step."""
+    progress = node_progress(event, node_id)
+    if progress is not None and progress[0] >= at_step:
+        server.post("/interrupt", {})
+        return True
+    return False
 
 
 def execution_error(entry: dict) -> dict | None:

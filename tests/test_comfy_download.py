@@ -10,7 +10,7 @@ import json
 import pytest
 
 from comfy_media import TEST_HEIGHT, TEST_WIDTH
-from comfy_server import ComfyServer, comfyui_033_missing, execution_error
+from comfy_server import ComfyServer, comfyui_033_missing, execution_error, node_progress
 from conftest import COMFYUI_VERSIONS, REPO_ROOT, TINY_MODEL_NAMES
 from hub_server import HubServer
 
@@ -80,8 +80,6 @@ def test_cancel_stops_a_download_and_the_next_run_resumes_it(served):
 
 
 def test_the_loader_lists_official_models_not_downloaded_and_fetches_one_on_first_use(served):
-    import websocket
-
     server, hub = served
     options = server.get("/object_info/EasyAnimateModelLoader")["EasyAnimateModelLoader"]["input"]["required"][
         "model_name"]
@@ -93,26 +91,13 @@ def test_the_loader_lists_official_models_not_downloaded_and_fetches_one_on_firs
     folder = server.models_dir / OFFICIAL  # after a Cancel (the test above): the files finished before it
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts}
     asked_before = len(hub.requests)
-    client_id = "download-test"
-    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=300)
-    try:
-        code, answer = server.post("/prompt", {"prompt": graph(OFFICIAL), "client_id": client_id})
-        assert code == 200, answer
-        progress = []
-        while True:
-            message = ws.recv()
-            if isinstance(message, bytes):
-                continue
-            event = json.loads(message)
-            data = event.get("data", {})
-            if event["type"] == "progress" and data.get("node") == "1":
-                progress.append((data["value"], data["max"]))
-            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == \
-                    answer["prompt_id"]:
-                break
-    finally:
-        ws.close()
-    entry = server.wait(answer["prompt_id"])
+    progress = []
+
+    def on_message(event):
+        if node_progress(event, "1"):
+            progress.append(node_progress(event, "1"))
+
+    entry = server.watch(graph(OFFICIAL), "download-test", on_message, timeout=300)
     assert execution_error(entry) is None, json.dumps(execution_error(entry), indent=1)[:3000]
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
     # ComfyUI's progress bar on the loader, in bytes, up to the whole download

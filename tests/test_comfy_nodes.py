@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_media import INPUT_VIDEO_FRAMES, TEST_HEIGHT, TEST_WIDTH, read_video
-from comfy_server import execution_error, node_texts
+from comfy_server import execution_error, interrupt_once, node_progress, node_texts
 from conftest import TINY_LORAS, TINY_MODEL_NAMES
 
 OUR_NODES = {"EasyAnimateModelLoader", "EasyAnimateLoraLoader", "EasyAnimateTextEncode", "EasyAnimateEmptyLatent", "EasyAnimateImageToVideo",
@@ -272,28 +272,16 @@ def test_lora_errors_name_the_file_and_the_cause(comfy):
 
 # ---------------------------------------------------------------------------------------------- ComfyUI services
 def test_progress_and_previews_are_sent_for_every_step(comfy):
-    import websocket
+    progress, previews = [], []
 
-    client_id = "progress-test"
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
-    try:
-        status, answer = comfy.post("/prompt", {"prompt": graph("t2v", steps=8, seed=11), "client_id": client_id})
-        assert status == 200, answer
-        progress, previews = [], 0
-        while True:
-            message = ws.recv()
-            if isinstance(message, bytes):
-                previews += b"\xff\xd8" in message[:64]  # a JPEG preview frame
-                continue
-            event = json.loads(message)
-            data = event.get("data", {})
-            if event["type"] == "progress" and data.get("node") == "4":
-                progress.append((data["value"], data["max"]))
-            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == \
-                    answer["prompt_id"]:
-                break
-    finally:
-        ws.close()
+    def on_message(event):
+        if isinstance(event, bytes):
+            previews.append(b"\xff\xd8" in event[:64])  # a JPEG preview frame
+        elif node_progress(event, "4"):
+            progress.append(node_progress(event, "4"))
+
+    comfy.watch(graph("t2v", steps=8, seed=11), "progress-test", on_message)
+    previews = sum(previews)
     values = [v for v, _ in progress]
     assert all(m == 8 for _, m in progress) and values, progress
     if comfy.version == "0.3.75":
@@ -305,24 +293,8 @@ def test_progress_and_previews_are_sent_for_every_step(comfy):
 
 
 def test_cancel_mid_sampling_leaves_the_model_as_it_was(comfy, tiny_pipeline):
-    import websocket
-
-    client_id = "cancel-test"
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
-    try:
-        status, answer = comfy.post("/prompt", {"prompt": graph("t2v", steps=200, frames=9, seed=5),
-                                                "client_id": client_id})
-        assert status == 200, answer
-        while True:
-            message = ws.recv()
-            if isinstance(message, str):
-                event = json.loads(message)
-                if event["type"] == "progress" and event["data"].get("node") == "4" and event["data"]["value"] >= 2:
-                    comfy.post("/interrupt", {})
-                    break
-    finally:
-        ws.close()
-    entry = comfy.wait(answer["prompt_id"])
+    entry = comfy.watch(graph("t2v", steps=200, frames=9, seed=5), "cancel-test",
+                        lambda event: interrupt_once(comfy, event, "4", at_step=2))
     kinds = [name for name, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
     # The next run from the same loaded model equals a clean core run.

@@ -2,13 +2,11 @@
 generate_long, the note, per-chunk prompts, one progress bar, Cancel and errors."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
 from comfy_media import TEST_HEIGHT, TEST_WIDTH
-from comfy_server import execution_error, node_texts
+from comfy_server import interrupt_once, node_progress, node_texts
 from conftest import TINY_MODEL_NAMES
 from test_comfy_nodes import NEGATIVE, PROMPT, run_error, run_ok
 
@@ -99,28 +97,14 @@ def test_chunk_prompts_one_per_line_equal_core_prompt_list(comfy, tiny_pipeline)
 
 
 def test_one_progress_bar_over_all_chunks_and_cancel_leaves_the_model(comfy, tiny_pipeline):
-    import websocket
+    progress = []
 
-    client_id = "long-cancel-test"
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
-    try:
-        status, answer = comfy.post("/prompt", {"prompt": long_graph(steps=3, frames=41, seed=5),
-                                                "client_id": client_id})
-        assert status == 200, answer
-        progress = []
-        while True:
-            message = ws.recv()
-            if isinstance(message, str):
-                event = json.loads(message)
-                data = event["data"]
-                if event["type"] == "progress" and data.get("node") == "4":
-                    progress.append((data["value"], data["max"]))
-                    if data["value"] >= 5:  # in the second of 8 chunks
-                        comfy.post("/interrupt", {})
-                        break
-    finally:
-        ws.close()
-    entry = comfy.wait(answer["prompt_id"])
+    def on_message(event):
+        if node_progress(event, "4"):
+            progress.append(node_progress(event, "4"))
+        return interrupt_once(comfy, event, "4", at_step=5)  # in the second of 8 chunks
+
+    entry = comfy.watch(long_graph(steps=3, frames=41, seed=5), "long-cancel-test", on_message)
     assert "execution_interrupted" in [name for name, _ in entry["status"]["messages"]]
     values = [v for v, _ in progress]
     assert {m for _, m in progress} == {8 * 3}, progress  # one bar over 8 chunks x 3 steps

@@ -7,13 +7,12 @@ mid-run fails that run with a clear error (the queue moves on) and the next run 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 
-from comfy_server import execution_error, node_texts
+from comfy_server import execution_error, node_progress, node_texts
 from conftest import TINY_LORAS
 from test_comfy_nodes import NEGATIVE, PROMPT, graph, run_ok, saved_latent
 from comfy_media import TEST_HEIGHT, TEST_WIDTH
@@ -54,22 +53,14 @@ def core_latents(tiny_pipeline, seed, loras=()):
 
 def interrupt_when(comfy, prompt, client_id, when):
     """Queue `prompt`, call when() once the sampler reports step 2, then return the finished history entry."""
-    import websocket
+    def on_message(event):
+        progress = node_progress(event, "4")
+        if progress and progress[0] >= 2:
+            when()
+            return True
+        return False
 
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=300)
-    try:
-        status, answer = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
-        assert status == 200, answer
-        while True:
-            message = ws.recv()
-            if isinstance(message, str):
-                event = json.loads(message)
-                if event["type"] == "progress" and event["data"].get("node") == "4" and event["data"]["value"] >= 2:
-                    when()
-                    break
-    finally:
-        ws.close()
-    return comfy.wait(answer["prompt_id"])
+    return comfy.watch(prompt, client_id, on_message, timeout=300)
 
 
 def test_multi_gpu_loader_equals_one_process_and_survives_cancel_and_a_dead_worker(comfy, tiny_pipeline):

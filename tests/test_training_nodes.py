@@ -1,12 +1,11 @@
 """Training nodes inside a real ComfyUI server (0.3.75 and 0.33 through the `comfy` fixture)."""
 from __future__ import annotations
 
-import json
 
 from safetensors import safe_open
 
 from comfy_media import TEST_HEIGHT, TEST_WIDTH
-from comfy_server import node_texts
+from comfy_server import interrupt_once, node_progress, node_texts
 from conftest import TINY_MODEL_NAMES
 from test_comfy_nodes import NEGATIVE, PROMPT, run_error, run_ok, saved_latent
 from test_training import write_style_images
@@ -88,26 +87,14 @@ def test_training_errors_are_clear(comfy):
 
 
 def test_cancel_saves_what_was_trained(comfy):
-    import websocket
-
     write_style_images(comfy.input_dir / "cancel_data", n=2)
-    client_id = "train-cancel"
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
-    try:
-        prompt = train_graph({"folder": "cancel_data"}, steps=5000, output_name="cancelled", sample=False)
-        status, answer = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
-        assert status == 200, answer
-        while True:
-            message = ws.recv()
-            if isinstance(message, str):
-                event = json.loads(message)
-                if event["type"] == "progress" and event["data"].get("node") == "11" and event["data"]["max"] == 5000 \
-                        and event["data"]["value"] >= 3:
-                    comfy.post("/interrupt", {})
-                    break
-    finally:
-        ws.close()
-    entry = comfy.wait(answer["prompt_id"])
+    prompt = train_graph({"folder": "cancel_data"}, steps=5000, output_name="cancelled", sample=False)
+
+    def on_message(event):  # the training bar (max 5000), not the dataset caching before it
+        progress = node_progress(event, "11")
+        return progress is not None and progress[1] == 5000 and interrupt_once(comfy, event, "11", at_step=3)
+
+    entry = comfy.watch(prompt, "train-cancel", on_message)
     assert "execution_interrupted" in [name for name, _ in entry["status"]["messages"]]
     with safe_open(str(comfy.base / "models" / "loras" / "cancelled.safetensors"), "pt") as f:
         assert 3 <= int(f.metadata()["ss_steps"]) < 5000
