@@ -60,6 +60,17 @@ def save_latent(source: str, name: str) -> dict:
     return {"class_type": "SaveLatent", "inputs": {"samples": [source, 0], "filename_prefix": f"latents/{name}"}}
 
 
+def run_and_compare(comfy, prompt: dict, first: tuple[str, str], second: tuple[str, str], label: str,
+                    timeout: float = 300) -> float:
+    """Save the latents of two sampler nodes ((node id, file name) each), run the graph and print and return the
+    relative L2 between them."""
+    prompt["30"], prompt["31"] = save_latent(*first), save_latent(*second)
+    entry = run_ok(comfy, prompt, timeout=timeout)
+    distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
+    print(f"\n[native] ComfyUI {comfy.version}: {label}: relative L2 {distance:.2e}")
+    return distance
+
+
 def decode_and_save(source: str, prefix: str) -> dict:
     return {"50": {"class_type": "EasyAnimateVAEDecode",
                    "inputs": {"vae": ["1", 2], "samples": [source, 0], "tiling": False, "tile_size": 384}},
@@ -189,10 +200,8 @@ def test_torch_compile_model_runs(comfy):
     prompt["12"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["10", 0], "backend": "inductor"}}
     prompt["20"] = ksampler(model=("12", 0), steps=2, cfg=1.0)
     prompt["21"] = ksampler(steps=2, cfg=1.0)
-    prompt["30"], prompt["31"] = save_latent("20", "compiled"), save_latent("21", "eager")
-    entry = run_ok(comfy, prompt, timeout=900)
-    distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
-    print(f"\n[native] ComfyUI {comfy.version}: TorchCompileModel (inductor, CPU) vs eager: relative L2 {distance:.2e}")
+    distance = run_and_compare(comfy, prompt, ("20", "compiled"), ("21", "eager"),
+                               "TorchCompileModel (inductor, CPU) vs eager", timeout=900)
     assert distance < 1e-4
 
 
@@ -212,10 +221,8 @@ def test_video_conditioning_with_ksampler_equals_our_image_to_video(comfy):
                                "size": "explicit", "width": TEST_WIDTH, "height": TEST_HEIGHT}}
     prompt["20"] = ksampler(positive=("14", 0), negative=("14", 1), latent=("14", 2), seed=9)
     prompt["21b"] = our_sampler(latent=("15", 1), seed=9, cond=("15", 0))
-    prompt["30"], prompt["31"] = save_latent("20", "i2v_native"), save_latent("21b", "i2v_ours")
-    entry = run_ok(comfy, prompt)
-    distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
-    print(f"\n[native] ComfyUI {comfy.version}: InP first+last frame, KSampler vs ours: relative L2 {distance:.2e}")
+    distance = run_and_compare(comfy, prompt, ("20", "i2v_native"), ("21b", "i2v_ours"),
+                               "InP first+last frame, KSampler vs ours")
     assert distance < 1e-3
 
 
@@ -301,44 +308,28 @@ def test_fp8_weights_refuse_comfyui_lora_patches_and_take_our_lora_node(comfy):
     prompt["14"] = {"class_type": "EasyAnimateToComfyModel", "inputs": {"model": ["13", 0]}}
     prompt["20"] = ksampler(model=("14", 0), steps=2)
     prompt["21"] = our_sampler(model=("13", 0), steps=2)
-    prompt["30"], prompt["31"] = save_latent("20", "fp8_lora_native"), save_latent("21", "fp8_lora_ours")
-    entry = run_ok(comfy, prompt)
-    distance = rel_l2(saved_latent(comfy, entry, "30"), saved_latent(comfy, entry, "31"))
-    print(f"\n[native] ComfyUI {comfy.version}: fp8 + EasyAnimate LoRA, KSampler vs ours: relative L2 {distance:.2e}")
+    distance = run_and_compare(comfy, prompt, ("20", "fp8_lora_native"), ("21", "fp8_lora_ours"),
+                               "fp8 + EasyAnimate LoRA, KSampler vs ours")
     assert distance < 1e-3
 
 
 def test_ksampler_sends_comfyuis_own_latent_previews(comfy):
     """ComfyUI's latent2rgb previews (the server runs with --preview-method auto) use our fitted factors."""
     import io
-    import json
 
-    import websocket
     from PIL import Image
 
-    client_id = "native-preview-test"
     prompt = base_nodes()
     prompt["20"] = ksampler(steps=4, seed=2)
     prompt["30"] = save_latent("20", "previewed")
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}", timeout=120)
-    try:
-        status, answer = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
-        assert status == 200, answer
-        previews = []
-        while True:
-            message = ws.recv()
-            if isinstance(message, bytes):
-                start = message.find(b"\xff\xd8")
-                if 0 <= start < 64:
-                    previews.append(Image.open(io.BytesIO(message[start:])))
-                continue
-            event = json.loads(message)
-            data = event.get("data", {})
-            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == \
-                    answer["prompt_id"]:
-                break
-    finally:
-        ws.close()
+    previews = []
+
+    def on_message(event):
+        start = event.find(b"\xff\xd8") if isinstance(event, bytes) else -1
+        if 0 <= start < 64:
+            previews.append(Image.open(io.BytesIO(event[start:])))
+
+    comfy.watch(prompt, "native-preview-test", on_message)
     assert len(previews) >= 4, f"{len(previews)} preview frames for 4 steps"
     # ComfyUI's latent2rgb image of the first latent frame, enlarged to 512 px: the video's aspect ratio
     width, height = previews[-1].size
