@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-
 from example_inputs import EXAMPLE_INPUTS, FOLDER, copy_missing
+from test_packaging import run_install_script
 
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 MEDIA = re.compile(r"\.(png|jpe?g|webp|gif|bmp|tiff?|mp4|webm|mkv|mov|avi|wav|mp3|flac|ogg)$", re.IGNORECASE)
@@ -70,12 +67,7 @@ def test_copy_missing_never_overwrites_a_users_file(tmp_path):
 
 
 def test_install_script_copies_them_into_comfyui_input(tmp_path):
-    custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
-    custom_nodes.mkdir(parents=True)
-    (custom_nodes / "ComfyUI-EasyAnimate").symlink_to(REPO_ROOT, target_is_directory=True)
-    result = subprocess.run([sys.executable, str(custom_nodes / "ComfyUI-EasyAnimate" / "install.py")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_install_script(tmp_path)
     inputs = tmp_path / "ComfyUI" / "input"
     assert sorted(p.name for p in inputs.iterdir()) == sorted(EXAMPLE_INPUTS)
     assert "copied" in result.stdout

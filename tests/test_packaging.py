@@ -6,13 +6,19 @@ import tomllib
 from conftest import REPO_ROOT
 
 
-def test_install_script_creates_the_model_folder_and_prints_downloads(tmp_path):
+def run_install_script(tmp_path) -> subprocess.CompletedProcess:
+    """Run install.py as ComfyUI-Manager does: from the pack inside <tmp_path>/ComfyUI/custom_nodes/."""
     custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
     custom_nodes.mkdir(parents=True)
     (custom_nodes / "ComfyUI-EasyAnimate").symlink_to(REPO_ROOT, target_is_directory=True)
     result = subprocess.run([sys.executable, str(custom_nodes / "ComfyUI-EasyAnimate" / "install.py")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_install_script_creates_the_model_folder_and_prints_downloads(tmp_path):
+    result = run_install_script(tmp_path)
     models = tmp_path / "ComfyUI" / "models" / "EasyAnimate"
     assert models.is_dir()
     assert (f"hf download alibaba-pai/EasyAnimateV5-12b-zh-InP --local-dir "
